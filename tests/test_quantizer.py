@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from vqrae.quantizer import QuantizerConfig, SimVQ, VectorQuantizer, build_quantizer, nearest_code
+
+
+def brute_force(z, codebook):
+    # float64 full distance matrix: the reference the chunked fp32 search must match
+    return ((z.double()[:, None, :] - codebook.double()[None]) ** 2).sum(-1).argmin(-1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dim,k,e", [(32, 64, 16), (24, 300, 24), (8, 1000, 48)])
+def test_indices_equal_brute_force_argmin(seed, dim, k, e):
+    torch.manual_seed(seed)
+    q = SimVQ(dim, k, e)
+    with torch.no_grad():
+        q.codebook_transform.weight.copy_(torch.randn(e, e) / e**0.5)  # a non-trivial W
+    x = torch.randn(3, 50, dim)
+    out = q(x)
+    expected = brute_force(q.proj_in(x).reshape(-1, e), q.codebook).view(3, 50)
+    assert torch.equal(out.indices, expected)
+
+
+@pytest.mark.parametrize("code_chunk,token_chunk", [(7, 5), (64, 1000), (1, 3), (1000, 1)])
+def test_chunked_search_equals_unchunked(code_chunk, token_chunk):
+    torch.manual_seed(0)
+    z, cb = torch.randn(200, 12), torch.randn(97, 12)
+    full = nearest_code(z, cb, code_chunk=10**6, token_chunk=10**6)
+    assert torch.equal(nearest_code(z, cb, code_chunk, token_chunk), full)
+    assert torch.equal(full, brute_force(z, cb))
+
+
+def test_ties_pick_lowest_index_like_argmin():
+    cb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    assert nearest_code(torch.tensor([[2.0, 0.0]]), cb, code_chunk=1).item() == 0
+
+
+def test_gradients_reach_projection_and_w_not_base_codebook():
+    torch.manual_seed(0)
+    q = SimVQ(32, 64, 16)
+    x = torch.randn(2, 10, 32, requires_grad=True)
+    out = q(x)
+    (out.quantized.sum() + out.codebook_loss + out.commit_loss).backward()
+    assert q.base_codebook.grad is None and not q.base_codebook.requires_grad
+    assert "base_codebook" in dict(q.named_buffers())  # frozen and saved, never an optimizer parameter
+    for name, p in q.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad is not None and x.grad.abs().sum() > 0  # straight-through reaches the encoder side
+
+
+def test_codebook_term_trains_only_w_and_commit_term_only_projection():
+    torch.manual_seed(0)
+    q = SimVQ(32, 64, 16)
+    x = torch.randn(2, 10, 32)
+    q(x).codebook_loss.backward()
+    assert q.codebook_transform.weight.grad.abs().sum() > 0 and q.proj_in.weight.grad is None
+    q.zero_grad(set_to_none=True)
+    q(x).commit_loss.backward()
+    assert q.proj_in.weight.grad.abs().sum() > 0 and q.codebook_transform.weight.grad is None
+
+
+def test_loss_equals_formula_on_hand_computed_values():
+    q = SimVQ(2, 2, 2)  # identity projections, W = I
+    with torch.no_grad():
+        q.base_codebook.copy_(torch.tensor([[0.0, 0.0], [3.0, 4.0]]))
+    x = torch.tensor([[[1.0, 1.0], [2.0, 5.0]]])
+    out = q(x)
+    assert out.indices.tolist() == [[0, 1]]
+    # squared errors: (1^2 + 1^2) for token 0, (1^2 + 1^2) for token 1 -> mean over 4 elements = 1.0
+    assert out.codebook_loss.item() == pytest.approx(1.0)
+    assert out.commit_loss.item() == pytest.approx(1.0)
+    assert torch.allclose(out.quantized, torch.tensor([[[0.0, 0.0], [3.0, 4.0]]]))
+
+
+@pytest.mark.parametrize("cls", [SimVQ, VectorQuantizer])
+def test_indices_to_codes_is_exact_inverse(cls):
+    torch.manual_seed(0)
+    q = cls(32, 64, 16)
+    out = q(torch.randn(2, 9, 32))
+    assert torch.allclose(q.indices_to_codes(out.indices), out.quantized, atol=1e-6)
+
+
+def test_base_codebook_statistics_and_state_dict():
+    q = SimVQ(8, 4096, 256)
+    assert q.base_codebook.std().item() == pytest.approx(256**-0.5, rel=0.05)
+    assert "base_codebook" in q.state_dict()
+
+
+def test_build_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="quantizer.kind"):
+        build_quantizer(QuantizerConfig(kind="rq"), 8)

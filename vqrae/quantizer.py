@@ -1,0 +1,140 @@
+"""SimVQ quantizer: a frozen random base codebook C' mapped through a learned linear W (C = C' W^T).
+
+Only W (and the projections around it) learn, so every code moves together and the whole codebook stays in
+use even at large K and high dimension e, where a directly learned codebook collapses. ``VectorQuantizer``
+(a plain learned codebook with the same interface) exists for comparison studies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class QuantizerConfig:
+    kind: str = "simvq"  # "simvq" (frozen C' through learned W) or "vq" (learned codebook, for comparison)
+    codebook_size: int = 16384  # K
+    codebook_dim: int = 1536  # e; the input projection maps the encoder width D to e
+    search_chunk: int = 4096  # codes compared per matmul; bounds memory at (tokens x chunk)
+    token_chunk: int = 16384  # tokens compared per pass
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: torch.Tensor  # (B, N, D) straight-through codes in the encoder width
+    indices: torch.Tensor  # (B, N) int64
+    codebook_loss: torch.Tensor  # ||sg(z) - q||^2: trains W (the codebook) toward the features
+    commit_loss: torch.Tensor  # ||z - sg(q)||^2: trains the projection (and encoder) toward the codes
+    latents: torch.Tensor  # (B, N, e) projected continuous features z
+
+
+@torch.no_grad()
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor, code_chunk: int = 4096, token_chunk: int = 16384) -> torch.Tensor:
+    """Index of the nearest code by squared L2 for each row of z (M, e) against codebook (K, e).
+
+    Distances are expanded as ||c||^2 - 2 z.c (||z||^2 is constant per row) and computed in fp32 chunk by
+    chunk, keeping a running minimum, so memory is bounded by token_chunk x code_chunk for any K.
+    """
+    z = z.float()
+    codebook = codebook.float()
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        c_sq = codebook.pow(2).sum(-1)  # (K,)
+        out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+        for t0 in range(0, z.shape[0], token_chunk):
+            zt = z[t0 : t0 + token_chunk]
+            best = torch.full((zt.shape[0],), float("inf"), device=z.device)
+            best_idx = torch.zeros(zt.shape[0], dtype=torch.long, device=z.device)
+            for k0 in range(0, codebook.shape[0], code_chunk):
+                # addmm: c_sq - 2 z c^T in one fused kernel
+                d = torch.addmm(c_sq[k0 : k0 + code_chunk].unsqueeze(0), zt, codebook[k0 : k0 + code_chunk].t(), alpha=-2.0)
+                val, idx = d.min(dim=1)
+                better = val < best  # strict: ties keep the lower index, as argmin does
+                best = torch.where(better, val, best)
+                best_idx = torch.where(better, idx + k0, best_idx)
+            out[t0 : t0 + token_chunk] = best_idx
+    return out
+
+
+class SimVQ(nn.Module):
+    """SimVQ with input/output projections.
+
+    Loss terms follow the VQ-VAE form ||sg(z) - q||^2 + beta ||z - sg(q)||^2 (beta = 0.25 by default): the
+    codebook term has weight 1 and the commitment term beta. The SimVQ reference implementation puts beta on
+    the codebook term instead; both weights are config fields (``loss.codebook_weight``,
+    ``loss.commit_weight``) applied by the training step, so either form is one setting away.
+
+    Args:
+        dim: encoder width D.
+        codebook_size: K.
+        codebook_dim: e; projections D->e and e->D are identities when D == e.
+        search_chunk: codes per distance matmul.
+        token_chunk: tokens per distance pass.
+    """
+
+    def __init__(self, dim: int, codebook_size: int, codebook_dim: int, search_chunk: int = 4096, token_chunk: int = 16384):
+        super().__init__()
+        self.codebook_size, self.codebook_dim = codebook_size, codebook_dim
+        self.search_chunk, self.token_chunk = search_chunk, token_chunk
+        self.proj_in = nn.Linear(dim, codebook_dim) if dim != codebook_dim else nn.Identity()
+        self.proj_out = nn.Linear(codebook_dim, dim) if dim != codebook_dim else nn.Identity()
+        # C' ~ N(0, 1/e), frozen: a persistent buffer, saved with the model so codes keep their meaning.
+        self.register_buffer("base_codebook", torch.randn(codebook_size, codebook_dim) * codebook_dim**-0.5)
+        self.codebook_transform = nn.Linear(codebook_dim, codebook_dim, bias=False)  # W
+        nn.init.eye_(self.codebook_transform.weight)  # C = C' at start; W then learns the shared rotation/scale
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """Effective codebook C = C' W^T, (K, e)."""
+        return self.codebook_transform(self.base_codebook)
+
+    def forward(self, x: torch.Tensor) -> QuantizerOutput:
+        """x (B, N, D) continuous features -> straight-through quantized features and losses."""
+        z = self.proj_in(x)  # (B, N, e)
+        codebook = self.codebook  # (K, e)
+        indices = nearest_code(z.reshape(-1, z.shape[-1]).detach(), codebook.detach(), self.search_chunk, self.token_chunk)
+        q = F.embedding(indices, codebook).view_as(z)  # gathers through W, so the codebook term trains W
+        codebook_loss = F.mse_loss(q.float(), z.detach().float())
+        commit_loss = F.mse_loss(z.float(), q.detach().float())
+        q_st = z + (q - z).detach()  # straight-through estimator
+        return QuantizerOutput(
+            quantized=self.proj_out(q_st),
+            indices=indices.view(z.shape[:-1]),
+            codebook_loss=codebook_loss,
+            commit_loss=commit_loss,
+            latents=z,
+        )
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, N) indices -> (B, N, D) features, the exact inverse used to decode generated codes."""
+        return self.proj_out(F.embedding(indices, self.codebook))
+
+
+class VectorQuantizer(SimVQ):
+    """Plain VQ: the codebook itself is learned (no frozen base, no W). Same interface as ``SimVQ``.
+
+    Args: as ``SimVQ``.
+    """
+
+    def __init__(self, dim: int, codebook_size: int, codebook_dim: int, search_chunk: int = 4096, token_chunk: int = 16384):
+        nn.Module.__init__(self)
+        self.codebook_size, self.codebook_dim = codebook_size, codebook_dim
+        self.search_chunk, self.token_chunk = search_chunk, token_chunk
+        self.proj_in = nn.Linear(dim, codebook_dim) if dim != codebook_dim else nn.Identity()
+        self.proj_out = nn.Linear(codebook_dim, dim) if dim != codebook_dim else nn.Identity()
+        self.embedding = nn.Parameter(torch.randn(codebook_size, codebook_dim) * codebook_dim**-0.5)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.embedding
+
+
+def build_quantizer(cfg: QuantizerConfig, dim: int) -> SimVQ:
+    kinds = {"simvq": SimVQ, "vq": VectorQuantizer}
+    if cfg.kind not in kinds:
+        raise ValueError(f"quantizer.kind must be one of {sorted(kinds)}, got '{cfg.kind}'")
+    if cfg.codebook_size < 2 or cfg.codebook_dim < 1:
+        raise ValueError(f"quantizer needs codebook_size >= 2 and codebook_dim >= 1, got {cfg.codebook_size}, {cfg.codebook_dim}")
+    return kinds[cfg.kind](dim, cfg.codebook_size, cfg.codebook_dim, cfg.search_chunk, cfg.token_chunk)
