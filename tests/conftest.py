@@ -1,5 +1,4 @@
 import os
-import warnings
 
 import pytest
 import torch
@@ -7,7 +6,6 @@ import torch
 from vqrae import DecoderConfig, EncoderConfig, QuantizerConfig, VQRAEConfig
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-warnings.filterwarnings("ignore", message=".*randomly initialised.*")
 
 TINY_TIMM = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 

@@ -1,0 +1,256 @@
+"""Train a VQRAE tokenizer with DeepSpeed.
+
+    deepspeed scripts/train_tokenizer.py --config configs/tokenizer/demo_stage1.yaml [key.sub=value ...]
+    deepspeed --num_gpus 8 scripts/train_tokenizer.py --config configs/tokenizer/siglip2_so400m_stage1.yaml
+    deepspeed scripts/train_tokenizer.py --config ... --resume auto      # continue the newest checkpoint
+
+Stage 1 trains projections, W and the decoder on a frozen encoder; stage 2 (``stage=2``, ``init_from`` a stage-1
+export) also trains the encoder with self-distillation. The final EMA model is exported to ``<output_dir>/model``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from vqrae.config import ConfigError, load_config, save_yaml  # noqa: E402
+from vqrae.training import TrainingError  # noqa: E402
+
+DEFAULT_CONFIG = "configs/tokenizer/demo_stage1.yaml"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint, if any) or a checkpoint dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. run.steps=100 optim.lr=1e-4")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from vqrae.trainer import TokenizerTrainConfig
+
+    cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
+    if cfg.stage == 2 and not cfg.init_from:
+        raise ConfigError("stage 2 needs init_from: the stage-1 export (<stage-1 output_dir>/model); run stage 1 first")
+    if cfg.stage == 2 and not os.path.isfile(os.path.join(cfg.init_from, "config.yaml")):
+        raise ConfigError(f"init_from '{cfg.init_from}' is not a VQRAE export (no config.yaml); run stage 1 first")
+    if cfg.stage not in (1, 2):
+        raise ConfigError(f"stage must be 1 or 2, got {cfg.stage}")
+    if not cfg.data.source:
+        raise ConfigError("data.source is empty: give an imagefolder directory, a hub dataset id or .tar shards")
+    train(cfg, args.resume)
+
+
+def train(cfg, resume: str | None) -> None:
+    import deepspeed
+    import torch.distributed as dist
+    from torchvision.utils import make_grid, save_image
+
+    from vqrae.data import build_dataloader
+    from vqrae.losses import PerceptualLoss, gan_active
+    from vqrae.metrics import CodebookUsage
+    from vqrae.model import VQRAE
+    from vqrae.trainer import (
+        build_discriminator, discriminator_loss, generator_loss, make_teacher, match_size, set_stage,
+    )
+    from vqrae.training import (
+        EMA, Checkpointer, NonFiniteGuard, RunLogger, all_reduce_sum, deepspeed_config, init_distributed,
+        make_optimizer, make_scheduler, param_groups, read_manifest, rng_state, seed_everything, set_rng_state,
+    )
+
+    run, optim = cfg.run, cfg.optim
+    rank, world, device = init_distributed()
+    seed_everything(run.seed)  # identical init on every rank
+    os.makedirs(run.output_dir, exist_ok=True)
+    ckpt = Checkpointer(run.output_dir, run.keep_last, rank)
+    resume_dir = ckpt.resolve(resume)
+
+    # -- model ---------------------------------------------------------------------------------------------
+    model = VQRAE.from_pretrained(cfg.init_from) if cfg.stage == 2 else VQRAE(cfg.model)
+    cfg.model = model.cfg
+    set_stage(model, cfg.stage)
+    teacher = make_teacher(model.encoder) if cfg.stage == 2 else None
+    groups = param_groups(((n, p) for n, p in model.named_parameters() if not n.startswith("encoder.")), optim.lr,
+                          optim.weight_decay, "decoder")
+    if cfg.stage == 2:
+        groups += param_groups(model.encoder.named_parameters(), cfg.encoder_lr, optim.weight_decay, "encoder")
+    optimizer = make_optimizer(groups, optim)
+    scheduler = make_scheduler(optimizer, optim, run.steps)
+    ds_cfg = deepspeed_config(run, optim, world)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    dtype = torch.bfloat16 if run.precision == "bf16" else torch.float32
+    zero3 = run.zero_stage == 3
+    if teacher is not None:
+        teacher.to(device=device, dtype=dtype)
+
+    loss_cfg = cfg.loss
+    disc_engine = None
+    if loss_cfg.gan_weight > 0:
+        disc = build_discriminator(loss_cfg)
+        d_opt = make_optimizer(param_groups(disc.named_parameters(), loss_cfg.disc_lr, 0.0, "disc"), optim)
+        disc_engine, _, _, _ = deepspeed.initialize(model=disc, optimizer=d_opt, config=dict(ds_cfg))
+    perceptual = PerceptualLoss(loss_cfg.lpips_net, loss_cfg.lpips_backbone).to(device) if loss_cfg.perceptual_weight > 0 else None
+    # ZeRO-3 partitions parameters: EMA and the adaptive GAN weight need whole tensors, so both are off there.
+    ema = EMA(engine.module, run.ema_decay) if run.ema_decay > 0 and not zero3 else None
+
+    loader, sampler = build_dataloader(cfg.data, run.micro_batch_size, rank, world)
+    usage = CodebookUsage(model.codebook_size, cfg.codebook_window)
+    guard = NonFiniteGuard(run.max_nonfinite)
+    data_stats: dict = {}
+    data_state = sampler.state_dict()
+    step = 0
+    if resume_dir:
+        engine.load_checkpoint(resume_dir, tag="generator")
+        if disc_engine is not None:
+            disc_engine.load_checkpoint(resume_dir, tag="discriminator")
+        state = torch.load(os.path.join(resume_dir, "trainer.pt"), weights_only=True)
+        step = state["step"]
+        data_state = state["sampler"][rank]
+        sampler.load_state_dict(data_state)
+        usage.load_state_dict(state["usage"])
+        data_stats = dict(state["data_stats"])
+        guard.total = state["nonfinite"]
+        if ema is not None:
+            from safetensors.torch import load_file
+
+            ema.load_state_dict(load_file(os.path.join(resume_dir, "ema.safetensors")))
+        set_rng_state(torch.load(os.path.join(resume_dir, f"rng_rank{rank}.pt"), weights_only=True))
+    else:
+        seed_everything(run.seed + rank)  # per-rank augmentation randomness
+    last_ckpt = resume_dir
+
+    logger = RunLogger(run.output_dir, run.steps, step, rank == 0, run.tensorboard, run.progress_bar)
+    if rank == 0:
+        save_yaml(cfg, os.path.join(run.output_dir, "train_config.yaml"))
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info(f"stage {cfg.stage}: {n_train / 1e6:.2f}M trainable parameters, world {world}, "
+                    f"global batch {run.batch_size}, zero {run.zero_stage}, {run.precision}"
+                    + (f", resumed from {resume_dir} at step {step}" if resume_dir else ""))
+
+    def save(step: int) -> str:
+        tmp = ckpt.tmp_dir(step)
+        engine.save_checkpoint(tmp, tag="generator")
+        if disc_engine is not None:
+            disc_engine.save_checkpoint(tmp, tag="discriminator")
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+        samplers = [None] * world
+        dist.all_gather_object(samplers, data_state)
+        export = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+        if rank == 0:
+            torch.save({"step": step, "sampler": samplers, "usage": usage.state_dict(), "data_stats": data_stats,
+                        "nonfinite": guard.total}, os.path.join(tmp, "trainer.pt"))
+            sd = export if zero3 else (ema.state_dict_for(engine.module) if ema else engine.module.state_dict())
+            if ema is not None:
+                from safetensors.torch import save_file
+
+                save_file(ema.state_dict(), os.path.join(tmp, "ema.safetensors"))
+            engine.module.save_pretrained(os.path.join(tmp, "model"), state_dict=sd)
+        return ckpt.commit(tmp, step)
+
+    # -- loop ----------------------------------------------------------------------------------------------
+    engine.train()
+    data_iter = iter(loader)
+    window_imgs, window_t0 = 0, time.time()
+    sums: dict = {}
+    while step < run.steps:
+        try:
+            batch = next(data_iter)
+        except StopIteration:  # the sampler moves on to the next epoch by itself
+            data_iter = iter(loader)
+            continue
+        for k, v in batch.data_stats.items():
+            data_stats[k] = data_stats.get(k, 0) + v
+        data_state = batch.sampler_state  # the loader prefetches: resume from what was consumed
+        images = batch.pixels
+        if images.shape[0] == 0:
+            continue
+        images = images.to(device)
+        out = engine(images.to(dtype))
+        target = match_size(images, engine.module.image_size)
+        teacher_feats = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_feats = teacher(images.to(dtype))
+        last_layer = None if zero3 else engine.module.decoder.last_layer.weight
+        gl = generator_loss(out, target, loss_cfg, step, perceptual, disc_engine.module if disc_engine else None,
+                            teacher_feats, last_layer)
+        if not guard.check(gl.total, step, last_ckpt):
+            logger.info(f"step {step}: non-finite loss skipped ({guard.total} so far)")
+            continue
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.backward(gl.total)
+        engine.step()
+        d_loss = None
+        if disc_engine is not None and gan_active(step, loss_cfg.gan_start_step):
+            d_loss = discriminator_loss(disc_engine, target, out.reconstruction)
+            disc_engine.backward(d_loss)
+            disc_engine.step()
+
+        counts = all_reduce_sum(torch.bincount(out.indices.flatten(), minlength=model.codebook_size))
+        usage.update(torch.repeat_interleave(torch.arange(model.codebook_size, device=counts.device), counts))
+        window_imgs += images.shape[0] * world
+        for k, v in gl.terms.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+        sums["loss"] = sums.get("loss", 0.0) + gl.total.item()
+        if d_loss is not None:
+            sums["disc"] = sums.get("disc", 0.0) + d_loss.item()
+        sums["_n"] = sums.get("_n", 0) + 1
+        if not boundary:
+            continue
+
+        step += 1
+        if ema is not None:
+            ema.update(engine.module)
+        logger.advance()
+        if step % run.log_every == 0 or step == run.steps:
+            n = sums.pop("_n")
+            vals = {f"loss/{k}": v / n for k, v in sums.items()}
+            lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(engine.optimizer.param_groups) if "no_decay" not in str(g.get("name", ""))}
+            gn = engine.get_global_grad_norm()
+            vals.update(lrs)
+            vals.update({"grad_norm": float(gn) if gn is not None else float("nan"), "gan_weight": gl.gan_weight,
+                         "img_per_s": window_imgs / max(time.time() - window_t0, 1e-9),
+                         "codebook/usage_pct": 100 * usage.usage(), "codebook/perplexity": usage.perplexity(),
+                         "data/skipped": sum(v for k, v in data_stats.items() if k != "ok" and not k.startswith("converted")),
+                         "nonfinite_steps": guard.total})
+            logger.scalars(step, vals)
+            sums, window_imgs, window_t0 = {}, 0, time.time()
+        if rank == 0 and run.image_every and (step % run.image_every == 0 or step == run.steps):
+            n = min(8, images.shape[0])
+            grid = make_grid(torch.cat([target[:n].float(), out.reconstruction[:n].float().clamp(-1, 1)]) * 0.5 + 0.5, nrow=n)
+            os.makedirs(os.path.join(run.output_dir, "samples"), exist_ok=True)
+            save_image(grid, os.path.join(run.output_dir, "samples", f"step_{step:08d}.png"))
+            logger.image(step, "reconstructions", grid)
+        if step % run.save_every == 0 or step == run.steps:
+            last_ckpt = save(step)
+
+    # -- export --------------------------------------------------------------------------------------------
+    if rank == 0 and last_ckpt:
+        import shutil
+
+        export_dir = os.path.join(run.output_dir, "model")
+        tmp = export_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(os.path.join(last_ckpt, "model"), tmp)
+        shutil.rmtree(export_dir, ignore_errors=True)
+        os.replace(tmp, export_dir)
+        bad = {k: v for k, v in data_stats.items() if v}
+        logger.info(f"data: {bad if bad else 'no unreadable or converted images'}; non-finite steps skipped: {guard.total}")
+        logger.info(f"done: {step} steps; model exported to {export_dir}")
+    logger.close()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, TrainingError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

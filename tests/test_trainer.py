@@ -1,0 +1,154 @@
+import os
+
+import pytest
+import torch
+
+from vqrae import VQRAE
+from vqrae.losses import LossConfig
+from vqrae.trainer import build_discriminator, discriminator_loss, generator_loss, make_teacher, set_stage
+from vqrae.training import (
+    EMA, Checkpointer, NonFiniteGuard, OptimConfig, RunConfig, TrainingError, deepspeed_config, param_groups,
+    rng_state, set_rng_state,
+)
+
+NO_LPIPS = LossConfig(perceptual_weight=0.0, gan_weight=0.0)
+
+
+def _grads(model):
+    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gradients_reach_encoder_only_in_stage_2(tiny_config, stage):
+    torch.manual_seed(0)
+    model = VQRAE(tiny_config)
+    set_stage(model, stage)
+    teacher = make_teacher(model.encoder) if stage == 2 else None
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = model(x)
+    gl = generator_loss(out, x, NO_LPIPS, step=0, teacher_features=teacher(x) if teacher else None)
+    gl.total.backward()
+    touched = _grads(model)
+    enc = {n for n in touched if n.startswith("encoder.")}
+    assert bool(enc) == (stage == 2)
+    assert "quantizer.codebook_transform.weight" in touched and "quantizer.proj_in.weight" in touched
+    assert any(n.startswith("decoder.") for n in touched)
+    assert all(p.grad is None for p in (teacher.parameters() if teacher else []))
+    assert set(gl.terms) == {"recon", "codebook", "commit"} | ({"distill"} if stage == 2 else set())
+
+
+def test_distillation_zero_at_init_and_positive_after_encoder_moves(tiny_config):
+    torch.manual_seed(0)
+    model = VQRAE(tiny_config)
+    set_stage(model, 2)
+    teacher = make_teacher(model.encoder)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert generator_loss(model(x), x, NO_LPIPS, 0, teacher_features=teacher(x)).terms["distill"].item() == 0.0
+    opt = torch.optim.SGD(model.encoder.parameters(), lr=0.5)
+    model(x).reconstruction.pow(2).mean().backward()
+    opt.step()
+    assert generator_loss(model(x), x, NO_LPIPS, 0, teacher_features=teacher(x)).terms["distill"].item() > 0
+
+
+def test_gan_term_starts_at_its_step_and_never_trains_discriminator(tiny_config):
+    torch.manual_seed(0)
+    cfg = LossConfig(perceptual_weight=0.0, gan_weight=0.1, gan_start_step=5, disc_channels=8, disc_layers=2)
+    model, disc = VQRAE(tiny_config), build_discriminator(cfg)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    before = generator_loss(model(x), x, cfg, 4, discriminator=disc, last_layer=model.decoder.last_layer.weight)
+    assert "gan" not in before.terms and before.gan_weight == 0.0
+    after = generator_loss(model(x), x, cfg, 5, discriminator=disc, last_layer=model.decoder.last_layer.weight)
+    assert "gan" in after.terms and after.gan_weight > 0
+    after.total.backward()
+    assert all(p.grad is None for p in disc.parameters())
+    d = discriminator_loss(disc, x, model(x).reconstruction)
+    model.zero_grad(set_to_none=True)
+    d.backward()
+    assert all(p.grad is None for p in model.parameters())  # fakes are detached
+    assert any(p.grad is not None for p in disc.parameters())
+
+
+def test_weighted_total_equals_sum_of_weighted_terms(tiny_config):
+    torch.manual_seed(0)
+    cfg = LossConfig(perceptual_weight=0.0, gan_weight=0.0, recon_weight=2.0, codebook_weight=0.5, commit_weight=3.0)
+    model = VQRAE(tiny_config)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    gl = generator_loss(model(x), x, cfg, 0)
+    t = gl.terms
+    assert gl.total.item() == pytest.approx(2.0 * t["recon"].item() + 0.5 * t["codebook"].item() + 3.0 * t["commit"].item(), rel=1e-5)
+
+
+def test_param_groups_skip_frozen_and_decay_only_matrices(tiny_config):
+    model = VQRAE(tiny_config)
+    set_stage(model, 1)
+    groups = param_groups(model.named_parameters(), 1e-3, 0.1, "all")
+    ids = {id(p) for g in groups for p in g["params"]}
+    assert not any(id(p) in ids for p in model.encoder.parameters())
+    decayed = next(g for g in groups if g["weight_decay"] > 0)
+    assert all(p.ndim >= 2 for p in decayed["params"])
+    assert id(model.decoder.pos_embed) not in {id(p) for p in decayed["params"]}
+
+
+def test_deepspeed_config_accumulation_and_errors():
+    cfg = deepspeed_config(RunConfig(batch_size=64, micro_batch_size=8), OptimConfig(grad_clip=0.5), world_size=2)
+    assert cfg["gradient_accumulation_steps"] == 4 and cfg["gradient_clipping"] == 0.5 and cfg["bf16"]["enabled"]
+    with pytest.raises(TrainingError, match="not divisible"):
+        deepspeed_config(RunConfig(batch_size=10, micro_batch_size=4), OptimConfig(), world_size=1)
+    with pytest.raises(TrainingError, match="precision"):
+        deepspeed_config(RunConfig(batch_size=8, micro_batch_size=8, precision="fp16x"), OptimConfig(), 1)
+
+
+def test_deepspeed_json_overrides_zero_stage(tmp_path):
+    run = RunConfig(batch_size=8, micro_batch_size=8, zero_stage=1, deepspeed_config="configs/deepspeed/zero3.json")
+    cfg = deepspeed_config(run, OptimConfig(), 1)
+    assert cfg["zero_optimization"]["stage"] == 3 and run.zero_stage == 3
+
+
+def test_ema_tracks_trainable_params_only(tiny_config):
+    model = VQRAE(tiny_config)
+    set_stage(model, 1)
+    ema = EMA(model, decay=0.5)
+    assert not any(n.startswith("encoder.") for n in ema.shadow)
+    before = ema.shadow["decoder.last_layer.bias"].clone()
+    with torch.no_grad():
+        model.decoder.last_layer.bias.add_(2.0)
+    ema.update(model)
+    assert torch.allclose(ema.shadow["decoder.last_layer.bias"], before + 1.0)
+    sd = ema.state_dict_for(model)
+    assert torch.equal(sd["encoder.model.patch_embed.proj.weight"], model.encoder.model.patch_embed.proj.weight)
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    state = rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_checkpointer_ignores_incomplete_and_prunes(tmp_path):
+    ck = Checkpointer(str(tmp_path), keep_last=2, rank=0)
+    for step in (1, 2, 3):
+        tmp = ck.tmp_dir(step)
+        open(os.path.join(tmp, "w.bin"), "w").write("x")
+        ck.commit(tmp, step)
+    ck.tmp_dir(4)  # a crash mid-write leaves a temp folder behind
+    done = ck.complete()
+    assert [os.path.basename(p) for p in done] == ["step_00000002", "step_00000003"]
+    assert ck.resolve("auto") == done[-1]
+    assert ck.resolve(None) is None
+    with pytest.raises(TrainingError, match="not a complete checkpoint"):
+        ck.resolve(str(tmp_path / "checkpoints" / ".tmp-step_00000004"))
+
+
+def test_nonfinite_guard_skips_then_aborts():
+    g = NonFiniteGuard(max_consecutive=3)
+    assert g.check(torch.tensor(1.0), 0, None)
+    assert not g.check(torch.tensor(float("nan")), 1, "ck/step_1")
+    assert not g.check(torch.tensor(float("inf")), 2, "ck/step_1")
+    with pytest.raises(TrainingError, match="at step 3; last good checkpoint: ck/step_1"):
+        g.check(torch.tensor(float("nan")), 3, "ck/step_1")
+    assert g.total == 3

@@ -1,0 +1,161 @@
+"""Training losses for the VQRAE tokenizer.
+
+Every function here returns an UNWEIGHTED term; the training step multiplies by the weights in
+``LossConfig`` and logs each term on its own. Stage 1 trains the quantizer and decoder against a frozen
+encoder (reconstruction + perceptual + GAN + codebook/commit terms); stage 2 also unfreezes the encoder and
+adds the self-distillation term that keeps it close to its frozen copy (lambda_d).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LossConfig:
+    recon: str = "l2"  # pixel loss: "l2" (MSE) or "l1"
+    recon_weight: float = 1.0
+    perceptual_weight: float = 1.1  # LPIPS term
+    lpips_net: str = "vgg"  # LPIPS trunk: "vgg", "alex" or "squeeze"
+    lpips_backbone: str = "pretrained"  # "pretrained" (torchvision ImageNet weights via the torch hub cache), "random" (offline tests) or a path to a local state dict (.pth/.safetensors)
+    gan_weight: float = 0.1  # multiplies the adaptive weight below
+    gan_start_step: int = 50000  # the generator sees the adversarial term from this step on
+    adaptive_gan_weight: bool = True  # scale the GAN term by ||grad nll|| / ||grad g|| at the decoder's last layer
+    disc_lr: float = 4e-5
+    disc_layers: int = 3  # stride-2 conv blocks in the PatchGAN discriminator
+    disc_channels: int = 64  # width of its first conv
+    distill_weight: float = 1.0  # lambda_d: self-distillation to the frozen encoder, stage 2 only
+    codebook_weight: float = 1.0  # ||sg(z) - q||^2
+    commit_weight: float = 0.25  # beta in ||z - sg(q)||^2
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean pixel loss between images; ``kind`` is "l2" (MSE) or "l1"."""
+    if kind == "l2":
+        return F.mse_loss(pred, target)
+    if kind == "l1":
+        return F.l1_loss(pred, target)
+    raise ValueError(f"unknown reconstruction loss '{kind}'; expected 'l2' or 'l1'")
+
+
+def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    # weights_only: a state dict holds tensors only, so refuse arbitrary pickled objects
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    return state
+
+
+class PerceptualLoss(nn.Module):
+    """Frozen LPIPS distance between images in [-1, 1]; ``forward`` returns the batch mean.
+
+    The calibrated linear heads ship inside the ``lpips`` package. The trunk comes from torchvision's
+    ImageNet weights ("pretrained", read from the torch hub cache or fetched once), stays random ("random",
+    for tests: never touches the network), or is read from a local torchvision state dict file (keys
+    ``features.N.*``; a full classifier checkpoint works, its ``classifier.*`` keys are ignored).
+
+    Args:
+        net: LPIPS trunk, "vgg", "alex" or "squeeze".
+        backbone: "pretrained", "random" or a path to a local trunk state dict.
+    """
+
+    def __init__(self, net: str = "vgg", backbone: str = "pretrained"):
+        super().__init__()
+        import lpips
+
+        if net not in ("vgg", "alex", "squeeze"):
+            raise ValueError(f"unknown LPIPS net '{net}'; expected 'vgg', 'alex' or 'squeeze'")
+        if backbone not in ("pretrained", "random") and not os.path.isfile(backbone):
+            raise ValueError(f"LPIPS backbone file not found: {backbone} (use 'pretrained', 'random' or a state dict path)")
+        with warnings.catch_warnings():
+            # lpips still passes torchvision's deprecated ``pretrained=`` flag
+            warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+            try:
+                # pnet_rand=True builds the trunk with random init and no download; a local file is loaded below
+                self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=backbone != "pretrained", verbose=False)
+            except OSError as e:  # URLError is an OSError: no cached weights and no network
+                raise ValueError(
+                    f"cannot get ImageNet {net} weights for LPIPS ({e}); set lpips_backbone to a local torchvision "
+                    f"state dict file or place the file in {torch.hub.get_dir()}/checkpoints"
+                ) from None
+        if backbone not in ("pretrained", "random"):
+            self._load_trunk(backbone)
+        self.requires_grad_(False)
+        self.eval()
+
+    def _load_trunk(self, path: str) -> None:
+        # lpips splits torchvision's ``features`` Sequential into slices that keep each layer's index as its
+        # name (slice1.0, slice1.2, ..., slice2.5), so ``features.N.*`` maps to ``sliceK.N.*``.
+        slice_of = {idx: f"{sname}.{idx}" for sname, sl in self.lpips.net.named_children() for idx, _ in sl.named_children()}
+        state = _load_state_dict_file(path)
+        mapped = {}
+        for key, value in state.items():
+            parts = key.split(".", 2)  # features, layer index, the rest (squeezenet's Fire blocks nest deeper)
+            if len(parts) == 3 and parts[0] == "features" and parts[1] in slice_of:
+                mapped[f"{slice_of[parts[1]]}.{parts[2]}"] = value
+        expected = set(self.lpips.net.state_dict().keys())
+        missing = sorted(expected - mapped.keys())
+        if missing:
+            raise ValueError(f"{path} lacks {len(missing)} trunk tensors (e.g. features.{missing[0].split('.', 1)[1]}); expected a torchvision state dict")
+        self.lpips.net.load_state_dict(mapped)
+
+    def train(self, mode: bool = True) -> "PerceptualLoss":
+        # Always eval: the LPIPS heads contain dropout, which a parent's .train() must not switch on.
+        return super().train(False)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.parameters()).dtype
+        return self.lpips(pred.to(dtype), target.to(dtype)).mean()
+
+
+def distillation_loss(features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """Self-distillation ||E(x) - E0(x)||^2 (mean squared error) to the frozen encoder's features.
+
+    The teacher is detached, so only the trained encoder E receives gradient.
+    """
+    return F.mse_loss(features, teacher_features.detach())
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss 0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(G(z)))])."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def generator_adv_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Generator's adversarial loss -E[D(G(z))]."""
+    return -logits_fake.mean()
+
+
+def adaptive_weight(
+    nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_weight: torch.Tensor | None, max_weight: float = 1e4
+) -> torch.Tensor:
+    """Balance of the GAN term: ||grad nll|| / (||grad g|| + 1e-4) at the decoder's last layer weight.
+
+    Both gradients are taken with ``torch.autograd.grad`` (nothing is written to ``.grad``) and the graph is
+    kept for the caller's backward. The result is clamped to [0, max_weight] and detached.
+
+    Returns 1.0 when ``last_layer_weight`` is None or holds no local elements. Callers pass None where the
+    gradient cannot be taken faithfully: the weight is partitioned across ranks (DeepSpeed ZeRO-3 leaves an
+    empty placeholder), or the decoder uses reentrant activation checkpointing (``use_reentrant=True`` does
+    not support ``autograd.grad``).
+    """
+    if last_layer_weight is None or last_layer_weight.numel() == 0:
+        return torch.tensor(1.0, device=g_loss.device)
+    nll_grad = torch.autograd.grad(nll_loss, last_layer_weight, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)[0]
+    weight = torch.norm(nll_grad.float()) / (torch.norm(g_grad.float()) + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+def gan_active(step: int, start_step: int) -> bool:
+    """Whether the adversarial terms are on at ``step`` (they start at ``start_step``)."""
+    return step >= start_step

@@ -1,0 +1,222 @@
+"""Metrics for training and evaluating the tokenizer.
+
+``CodebookUsage`` tracks code use over a sliding window of training steps; it is plain training-side state
+(saved beside the optimizer on resume), not a module buffer. The image metrics wrap torchmetrics and take
+images in [-1, 1], mapped to [0, 1] (data range 1.0) and clamped there, as a saved image would be.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from typing import Callable
+
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from .losses import PerceptualLoss
+
+
+def _usage_and_perplexity(hist: torch.Tensor) -> tuple[float, float]:
+    """Fraction of codes with a nonzero count, and exp(entropy) of the histogram (0.0 when empty)."""
+    total = hist.sum()
+    if total == 0:
+        return 0.0, 0.0
+    p = hist[hist > 0].double() / total
+    return (hist > 0).sum().item() / hist.numel(), math.exp(-(p * p.log()).sum().item())
+
+
+class CodebookUsage:
+    """Code use over the last ``window`` training steps.
+
+    Each ``update`` records one step's code histogram (stored sparsely as codes and counts) and drops the
+    step that falls out of the window. In data-parallel training pass indices already gathered from every
+    rank, so each rank reports the same numbers.
+
+    Args:
+        codebook_size: K, the number of codes.
+        window: number of most recent steps the statistics cover.
+    """
+
+    def __init__(self, codebook_size: int, window: int):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.codebook_size = codebook_size
+        self.window = window
+        self._steps: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
+        self._hist = torch.zeros(codebook_size, dtype=torch.long)  # running sum of the steps in the window
+
+    def update(self, indices: torch.Tensor) -> None:
+        codes, counts = torch.unique(indices.detach().flatten(), return_counts=True)
+        codes, counts = codes.cpu(), counts.cpu()
+        if codes.numel() and (codes[0] < 0 or codes[-1] >= self.codebook_size):
+            raise ValueError(f"code indices must lie in [0, {self.codebook_size}), got [{codes[0].item()}, {codes[-1].item()}]")
+        self._push(codes.long(), counts.long())
+
+    def _push(self, codes: torch.Tensor, counts: torch.Tensor) -> None:
+        self._steps.append((codes, counts))
+        self._hist.index_add_(0, codes, counts)
+        while len(self._steps) > self.window:
+            old_codes, old_counts = self._steps.popleft()
+            self._hist.index_add_(0, old_codes, -old_counts)
+
+    def histogram(self) -> torch.Tensor:
+        """(K,) code counts over the window."""
+        return self._hist.clone()
+
+    def usage(self) -> float:
+        """Fraction of the K codes used at least once in the window."""
+        return _usage_and_perplexity(self._hist)[0]
+
+    def perplexity(self) -> float:
+        """exp(entropy) of the window's code histogram: K for uniform use, 1 for a single code."""
+        return _usage_and_perplexity(self._hist)[1]
+
+    def state_dict(self) -> dict:
+        steps = list(self._steps)
+        return {
+            "codebook_size": self.codebook_size,
+            "codes": torch.cat([c for c, _ in steps]) if steps else torch.zeros(0, dtype=torch.long),
+            "counts": torch.cat([n for _, n in steps]) if steps else torch.zeros(0, dtype=torch.long),
+            "lengths": torch.tensor([c.numel() for c, _ in steps], dtype=torch.long),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the window; with a smaller ``window`` than when saved, only the newest steps are kept."""
+        if int(state["codebook_size"]) != self.codebook_size:
+            raise ValueError(f"saved codebook usage is for {int(state['codebook_size'])} codes, this tracker has {self.codebook_size}")
+        self._steps.clear()
+        self._hist.zero_()
+        lengths = state["lengths"].tolist()
+        for codes, counts in zip(state["codes"].split(lengths), state["counts"].split(lengths)):
+            self._push(codes.long().clone(), counts.long().clone())
+
+
+def _to_unit(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "none":
+        return values
+    raise ValueError(f"unknown reduction '{reduction}'; expected 'mean' or 'none'")
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """PSNR in dB of images in [-1, 1]; per image (B,) with reduction "none", else their mean. inf when equal."""
+    values = peak_signal_noise_ratio(_to_unit(pred), _to_unit(target), data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return _reduce(values, reduction)
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """SSIM (11x11 Gaussian window) of images in [-1, 1]; per image (B,) with reduction "none", else the mean."""
+    values = structural_similarity_index_measure(_to_unit(pred), _to_unit(target), data_range=1.0, reduction="none")
+    return _reduce(values, reduction)
+
+
+class ReconstructionMetrics:
+    """Accumulates PSNR, SSIM, LPIPS and code use over an evaluation set.
+
+    Sums live on the device of the first batch, so ``all_reduce`` can hand them straight to a collective.
+
+    Args:
+        codebook_size: K; when set, ``update`` takes the batch's code indices and ``compute`` reports usage
+            and perplexity over the whole set.
+        perceptual: LPIPS module; when given, ``compute`` reports the mean LPIPS.
+    """
+
+    def __init__(self, codebook_size: int | None = None, perceptual: PerceptualLoss | None = None):
+        self.codebook_size = codebook_size
+        self.perceptual = perceptual
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums: torch.Tensor | None = None  # float64 (count, psnr, ssim, lpips)
+        self._hist: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor, indices: torch.Tensor | None = None) -> None:
+        if self._sums is None:
+            self._sums = torch.zeros(4, dtype=torch.float64, device=pred.device)
+            if self.codebook_size is not None:
+                self._hist = torch.zeros(self.codebook_size, dtype=torch.long, device=pred.device)
+        if (indices is None) != (self.codebook_size is None):
+            raise ValueError("pass code indices to update exactly when the metrics were built with a codebook_size")
+        n = pred.shape[0]
+        lp = self.perceptual(pred, target).double() * n if self.perceptual is not None else torch.zeros((), dtype=torch.float64, device=pred.device)
+        batch = torch.stack([
+            torch.tensor(float(n), dtype=torch.float64, device=pred.device),
+            psnr(pred, target, reduction="none").double().sum(),
+            ssim(pred, target, reduction="none").double().sum(),
+            lp,
+        ])
+        self._sums += batch
+        if indices is not None:
+            self._hist += torch.bincount(indices.flatten().to(self._hist.device), minlength=self.codebook_size)
+
+    def all_reduce(self, reduce_fn: Callable[[torch.Tensor], object]) -> None:
+        """Sum the state across processes with an in-place collective such as ``torch.distributed.all_reduce``.
+
+        Call it once, on every rank, right before ``compute``.
+        """
+        for t in (self._sums, self._hist):
+            if t is not None:
+                reduce_fn(t)
+
+    def compute(self) -> dict[str, float]:
+        if self._sums is None or self._sums[0] == 0:
+            raise ValueError("no images were added to the reconstruction metrics")
+        count, psnr_sum, ssim_sum, lpips_sum = self._sums.tolist()
+        out = {"psnr": psnr_sum / count, "ssim": ssim_sum / count, "count": int(count)}
+        if self.perceptual is not None:
+            out["lpips"] = lpips_sum / count
+        if self._hist is not None:
+            out["codebook_usage"], out["perplexity"] = _usage_and_perplexity(self._hist.cpu())
+        return out
+
+
+_INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's pt_inception-2015-12-05
+
+
+class FIDMetric:
+    """Frechet Inception Distance (torchmetrics, 2048-d pool features of torch-fidelity's InceptionV3).
+
+    Never downloads: the weights come from ``weights_path`` or from the torch hub cache, where torch-fidelity
+    stores them; anything else is a ``ValueError`` with a one-line message saying how to provide them.
+
+    Args:
+        weights_path: local copy of the torch-fidelity Inception weights (``pt_inception-2015-12-05``);
+            None reads ``<torch hub dir>/checkpoints/weights-inception-2015-12-05-6726825d.pth``.
+    """
+
+    def __init__(self, weights_path: str | None = None):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        path = weights_path or os.path.join(torch.hub.get_dir(), "checkpoints", _INCEPTION_FILE)
+        how = f"pass --inception-weights PATH to a copy of {_INCEPTION_FILE} or place it in {torch.hub.get_dir()}/checkpoints"
+        if not os.path.isfile(path):
+            raise ValueError(f"FID Inception weights not found at {path}; {how}")
+        try:
+            # torch-fidelity unpickles the file with weights_only=False; check first that it holds tensors only
+            torch.load(path, map_location="cpu", weights_only=True)
+            self.fid = FrechetInceptionDistance(feature=2048, normalize=False, feature_extractor_weights_path=path)
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"cannot load FID Inception weights from {path} ({msg}); {how}") from None
+
+    def to(self, device: torch.device | str) -> "FIDMetric":
+        self.fid = self.fid.to(device)
+        return self
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, real: bool) -> None:
+        """Add images in [-1, 1] to the real or the generated set."""
+        self.fid.update((_to_unit(images) * 255).round().to(torch.uint8), real=real)
+
+    def compute(self) -> float:
+        return float(self.fid.compute())
+
+    def reset(self) -> None:
+        self.fid.reset()

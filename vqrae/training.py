@@ -1,0 +1,422 @@
+"""Training infrastructure shared by the tokenizer and MLLM trainers.
+
+DeepSpeed config from our dataclasses, optimizer parameter groups and schedules, EMA, crash-safe
+checkpoints (temp directory + manifest + rename, newest complete one wins on ``--resume auto``), RNG state,
+non-finite step guard, and rank-0 logging to console, TensorBoard and a progress bar.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+log = logging.getLogger("vqrae")
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4  # peak lr of the trained modules (decoder, projections, W)
+    schedule: str = "cosine"  # "cosine" (warmup then cosine to lr * min_lr_ratio) or "constant" (after warmup)
+    min_lr_ratio: float = 0.25  # cosine floor: 4e-4 -> 1e-4
+    warmup_steps: int = 2000
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 1e-4  # on matrices only; norms, biases and embeddings of positions are not decayed
+    grad_clip: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/run"
+    steps: int = 100000  # optimizer steps
+    batch_size: int = 1024  # global batch (all ranks, all accumulation micro-steps)
+    micro_batch_size: int = 32  # per rank per micro-step; accumulation = batch / (micro * world)
+    precision: str = "bf16"  # "bf16" or "fp32"
+    zero_stage: int = 1  # 0-3
+    deepspeed_config: Optional[str] = None  # JSON merged over the generated config (e.g. configs/deepspeed/zero3.json)
+    seed: int = 0
+    log_every: int = 10
+    image_every: int = 1000  # reconstruction / sample grid cadence
+    save_every: int = 1000
+    keep_last: int = 3  # complete checkpoints kept
+    ema_decay: float = 0.9999  # 0 disables EMA
+    max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+class TrainingError(RuntimeError):
+    """A run cannot continue; the message is one line for the user."""
+
+
+# -- distributed --------------------------------------------------------------------------------------------
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Start the process group the ``deepspeed`` launcher describes (gloo on CPU). Returns rank, world, device."""
+    import deepspeed
+
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        # ranks on one host share its cores; oversubscribed threads make every rank slower
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -- optimizer ----------------------------------------------------------------------------------------------
+def deepspeed_config(run: RunConfig, optim: OptimConfig, world_size: int) -> Dict[str, Any]:
+    per_step = run.micro_batch_size * world_size
+    if run.batch_size % per_step:
+        raise TrainingError(
+            f"run.batch_size {run.batch_size} is not divisible by micro_batch_size {run.micro_batch_size} x "
+            f"{world_size} ranks"
+        )
+    if run.precision not in ("bf16", "fp32"):
+        raise TrainingError(f"run.precision must be 'bf16' or 'fp32', got '{run.precision}'")
+    if run.zero_stage not in (0, 1, 2, 3):
+        raise TrainingError(f"run.zero_stage must be 0, 1, 2 or 3, got {run.zero_stage}")
+    cfg: Dict[str, Any] = {
+        "train_batch_size": run.batch_size,
+        "train_micro_batch_size_per_gpu": run.micro_batch_size,
+        "gradient_accumulation_steps": run.batch_size // per_step,
+        "gradient_clipping": optim.grad_clip,
+        "bf16": {"enabled": run.precision == "bf16"},
+        "zero_optimization": {"stage": run.zero_stage},
+        "steps_per_print": 10**9,  # our logger reports; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    if run.deepspeed_config:
+        if not os.path.isfile(run.deepspeed_config):
+            raise TrainingError(f"run.deepspeed_config not found: {run.deepspeed_config}")
+        with open(run.deepspeed_config) as f:
+            extra = json.load(f)
+        for k, v in extra.items():
+            cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+        run.zero_stage = int(cfg["zero_optimization"].get("stage", run.zero_stage))
+    return cfg
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, name: str) -> List[dict]:
+    """Two AdamW groups at one lr: decayed matrices, and undecayed vectors (norms, biases) and pos embeddings."""
+    decay, no_decay = [], []
+    for n, p in named:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "pos_embed" in n else decay).append(p)
+    groups = [
+        {"params": decay, "lr": lr, "weight_decay": weight_decay, "name": f"{name}"},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{name}_no_decay"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(groups: List[dict], optim: OptimConfig) -> torch.optim.Optimizer:
+    # A client optimizer: DeepSpeed wraps it (ZeRO) without JIT-building its fused Adam op.
+    return torch.optim.AdamW(groups, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):
+    """DeepSpeed's own schedules; each parameter group keeps its own peak lr."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR, WarmupLR
+
+    warmup = max(1, min(optim.warmup_steps, max(1, total_steps - 1)))
+    if optim.schedule == "cosine":
+        return WarmupCosineLR(optimizer, total_num_steps=max(total_steps, warmup + 1), warmup_min_ratio=0.0,
+                              warmup_num_steps=warmup, cos_min_ratio=optim.min_lr_ratio, warmup_type="linear")
+    if optim.schedule == "constant":
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        return _GroupWarmupLR(WarmupLR(optimizer, warmup_min_lr=0.0, warmup_max_lr=1.0, warmup_num_steps=warmup,
+                                       warmup_type="linear"), lrs)
+    raise TrainingError(f"optim.schedule must be 'cosine' or 'constant', got '{optim.schedule}'")
+
+
+class _GroupWarmupLR:
+    """DeepSpeed's WarmupLR sets one absolute lr for all groups; scale it per group so each keeps its own peak."""
+
+    def __init__(self, inner, peak_lrs: List[float]):
+        self.inner, self.peak = inner, peak_lrs
+        self._apply()
+
+    def _apply(self) -> None:
+        ratio = self.inner.get_lr()[0]
+        for g, lr in zip(self.inner.optimizer.param_groups, self.peak):
+            g["lr"] = lr * ratio
+
+    def step(self, last_batch_iteration=None):
+        self.inner.step(last_batch_iteration)
+        self._apply()
+
+    def get_last_lr(self):
+        return [g["lr"] for g in self.inner.optimizer.param_groups]
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, sd):
+        self.inner.load_state_dict(sd)
+        self._apply()
+
+
+# -- EMA ----------------------------------------------------------------------------------------------------
+class EMA:
+    """fp32 exponential moving average of a module's trainable parameters (frozen ones are copied as is).
+
+    Args:
+        module: the live model (DeepSpeed engine's ``module``).
+        decay: EMA decay per optimizer step.
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for n, p in module.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def state_dict_for(self, module: nn.Module) -> Dict[str, torch.Tensor]:
+        """The module's full state dict with EMA values substituted for the averaged parameters."""
+        sd = module.state_dict()
+        for n, v in self.shadow.items():
+            sd[n] = v.to(sd[n].dtype)
+        return sd
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(sd)
+        if missing:
+            raise TrainingError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]}")
+        for n in self.shadow:
+            self.shadow[n].copy_(sd[n])
+
+
+# -- RNG ----------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {
+        "python": json.dumps(random.getstate()),
+        "numpy": json.dumps([v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = json.loads(state["numpy"])
+    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------
+class Checkpointer:
+    """Crash-safe checkpoints under ``<output_dir>/checkpoints/step_<N>``.
+
+    Every rank writes into ``.tmp-step_<N>``; after a barrier rank 0 writes ``manifest.json`` (step, files)
+    and renames the folder, so a folder without a manifest is never picked on resume. A failed write
+    (full disk, permissions) raises before the rename and leaves earlier checkpoints untouched.
+
+    Args:
+        output_dir: run directory.
+        keep_last: complete checkpoints kept; older ones are deleted after a successful save.
+        rank: this process's rank.
+    """
+
+    def __init__(self, output_dir: str, keep_last: int, rank: int):
+        self.root = os.path.join(output_dir, "checkpoints")
+        self.keep_last, self.rank = keep_last, rank
+
+    def tmp_dir(self, step: int) -> str:
+        path = os.path.join(self.root, f".tmp-step_{step:08d}")
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+            os.makedirs(path)
+        barrier()
+        return path
+
+    def commit(self, tmp: str, step: int, extra: Optional[dict] = None) -> str:
+        barrier()
+        final = os.path.join(self.root, f"step_{step:08d}")
+        if self.rank == 0:
+            files = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, fs in os.walk(tmp) for f in fs)
+            with open(os.path.join(tmp, MANIFEST + ".tmp"), "w") as f:
+                json.dump({"step": step, "time": time.time(), "files": files, **(extra or {})}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(os.path.join(tmp, MANIFEST + ".tmp"), os.path.join(tmp, MANIFEST))
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        done = self.complete()
+        for path in done[: max(0, len(done) - self.keep_last)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def complete(self) -> List[str]:
+        """Complete checkpoints, oldest first."""
+        if not os.path.isdir(self.root):
+            return []
+        out = []
+        for name in sorted(os.listdir(self.root)):
+            path = os.path.join(self.root, name)
+            if name.startswith("step_") and os.path.isfile(os.path.join(path, MANIFEST)):
+                out.append(path)
+        return out
+
+    def resolve(self, resume: Optional[str]) -> Optional[str]:
+        """``None`` -> no resume; ``"auto"`` -> newest complete checkpoint or none; else that directory."""
+        if not resume:
+            return None
+        if resume == "auto":
+            done = self.complete()
+            return done[-1] if done else None
+        if not os.path.isfile(os.path.join(resume, MANIFEST)):
+            raise TrainingError(f"--resume {resume}: not a complete checkpoint (no {MANIFEST})")
+        return resume
+
+
+def read_manifest(path: str) -> dict:
+    with open(os.path.join(path, MANIFEST)) as f:
+        return json.load(f)
+
+
+# -- numerics -----------------------------------------------------------------------------------------------
+class NonFiniteGuard:
+    """Counts non-finite losses; all ranks agree (sum across ranks) so they skip the same steps together.
+
+    Args:
+        max_consecutive: consecutive skipped steps after which the run stops.
+    """
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.total = 0
+
+    def check(self, loss: torch.Tensor, step: int, last_checkpoint: Optional[str]) -> bool:
+        """True when the step may proceed; raises TrainingError after too many in a row."""
+        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+        if all_reduce_sum(bad).item() == 0:
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.total += 1
+        if self.consecutive >= self.max_consecutive:
+            raise TrainingError(
+                f"{self.consecutive} non-finite losses in a row at step {step}; last good checkpoint: "
+                f"{last_checkpoint or 'none'}"
+            )
+        return False
+
+
+# -- logging ------------------------------------------------------------------------------------------------
+class RunLogger:
+    """Rank-0 console + TensorBoard + tqdm. Other ranks get a no-op logger.
+
+    Args:
+        output_dir: TensorBoard events go to ``<output_dir>/tb``.
+        total_steps: progress bar length.
+        start_step: where a resumed run starts.
+        enabled: False on ranks other than 0.
+        tensorboard: write TensorBoard events.
+        progress_bar: show tqdm.
+    """
+
+    def __init__(self, output_dir: str, total_steps: int, start_step: int, enabled: bool, tensorboard: bool = True,
+                 progress_bar: bool = True):
+        self.enabled = enabled
+        self.writer = self.bar = None
+        if not enabled:
+            return
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(output_dir, "tb"))
+        if progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, leave=False)
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            self._emit(msg)
+
+    def _emit(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            log.info(msg)
+
+    def scalars(self, step: int, values: Dict[str, float], console: bool = True) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+        if console:
+            self._emit(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+
+    def image(self, step: int, tag: str, grid: torch.Tensor) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_image(tag, grid, step)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
