@@ -1,0 +1,94 @@
+"""End-to-end: the real `deepspeed` launcher on 2 CPU ranks, stage 1 -> resume -> stage 2."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def write_images(folder, n=48, size=40, seed=0):
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        img = Image.new("RGB", (size, size), tuple(rng.randint(0, 255) for _ in range(3)))
+        x, y = rng.randint(0, size // 2), rng.randint(0, size // 2)
+        ImageDraw.Draw(img).ellipse([x, y, x + size // 3, y + size // 3], fill=tuple(rng.randint(0, 255) for _ in range(3)))
+        img.save(os.path.join(folder, f"{i:03d}.png"))
+
+
+def deepspeed_run(script, config, *overrides, num_gpus=2, resume=None, check=True):
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(num_gpus),
+           "--master_port", str(29500 + os.getpid() % 2000), script, "--config", config, *overrides]
+    if resume:
+        cmd += ["--resume", resume]
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/vqrae_torch_ext"))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def losses(log: str, key: str) -> list[float]:
+    return [float(m) for m in re.findall(rf"{re.escape(key)}=([-\d.e+]+)", log)]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    write_images(str(folder / "train"))
+    return str(folder)
+
+
+def test_two_stages_resume_reproduces_uninterrupted_run(images, tmp_path):
+    a, b, s2 = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "s2")
+    common = [f"data.source={images}", "run.steps=12", "run.save_every=4", "run.keep_last=10"]
+    proc = deepspeed_run("scripts/train_tokenizer.py", "configs/tokenizer/tiny_stage1.yaml", *common, f"run.output_dir={a}")
+    recon = losses(proc.stdout + proc.stderr, "loss/recon")
+    assert len(recon) == 6 and recon[-1] < recon[0], recon
+    assert os.path.isfile(os.path.join(a, "model", "model.safetensors"))
+    assert os.listdir(os.path.join(a, "samples")) and os.listdir(os.path.join(a, "tb"))
+
+    # resume from the step-4 checkpoint in a fresh directory: the next 8 steps must match exactly (fp32, CPU)
+    os.makedirs(os.path.join(b, "checkpoints"))
+    shutil.copytree(os.path.join(a, "checkpoints", "step_00000004"), os.path.join(b, "checkpoints", "step_00000004"))
+    proc = deepspeed_run("scripts/train_tokenizer.py", "configs/tokenizer/tiny_stage1.yaml", *common, f"run.output_dir={b}", resume="auto")
+    assert "resumed from" in proc.stdout + proc.stderr
+    for step in ("step_00000008", "step_00000012"):
+        wa = load_file(os.path.join(a, "checkpoints", step, "model", "model.safetensors"))
+        wb = load_file(os.path.join(b, "checkpoints", step, "model", "model.safetensors"))
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), step
+        ea = load_file(os.path.join(a, "checkpoints", step, "ema.safetensors"))
+        eb = load_file(os.path.join(b, "checkpoints", step, "ema.safetensors"))
+        assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+    # stage 2 from the stage-1 export: no missing keys, encoder trains, distillation starts at zero
+    proc = deepspeed_run("scripts/train_tokenizer.py", "configs/tokenizer/tiny_stage2.yaml", f"data.source={images}",
+                         f"init_from={os.path.join(a, 'model')}", f"run.output_dir={s2}", "run.steps=4",
+                         "run.log_every=1")
+    log = proc.stdout + proc.stderr
+    distill = losses(log, "loss/distill")
+    assert distill[0] == 0.0 and distill[-1] > 0.0
+    assert "lr/encoder=" in log
+    w1 = load_file(os.path.join(a, "model", "model.safetensors"))
+    w2 = load_file(os.path.join(s2, "model", "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    assert not torch.equal(w1["encoder.model.patch_embed.proj.weight"], w2["encoder.model.patch_embed.proj.weight"])
+
+
+def test_stage_2_without_stage_1_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "scripts/train_tokenizer.py", "--config", "configs/tokenizer/tiny_stage2.yaml",
+                           f"init_from={tmp_path}/missing", "data.source=x"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "run stage 1 first" in proc.stderr
