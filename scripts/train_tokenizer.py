@@ -170,7 +170,8 @@ def train(cfg, resume: str | None) -> None:
             data_stats[k] = data_stats.get(k, 0) + v
         data_state = batch.sampler_state  # the loader prefetches: resume from what was consumed
         images = batch.pixels
-        if images.shape[0] == 0:
+        # a micro-batch whose rows were all unreadable: every rank skips it together, or collectives desync
+        if all_reduce_sum(torch.tensor([float(images.shape[0] == 0)])).item() > 0:
             continue
         images = images.to(device)
         out = engine(images.to(dtype))
@@ -242,7 +243,7 @@ def train(cfg, resume: str | None) -> None:
         shutil.copytree(os.path.join(last_ckpt, "model"), tmp)
         shutil.rmtree(export_dir, ignore_errors=True)
         os.replace(tmp, export_dir)
-        bad = {k: v for k, v in data_stats.items() if v}
+        bad = {k: v for k, v in data_stats.items() if k != "ok" and v}
         logger.info(f"data: {bad if bad else 'no unreadable or converted images'}; non-finite steps skipped: {guard.total}")
         logger.info(f"done: {step} steps; model exported to {export_dir}")
     logger.close()

@@ -1,0 +1,337 @@
+"""A unified multimodal model: any Hugging Face causal LM + a frozen VQRAE tokenizer + an MLP projector.
+
+Understanding (LLaVA-style): the VQRAE's continuous features (B, N, D) go through the projector to (B, N, H)
+and replace the input embeddings at the positions of a boolean image mask. Generation: the VQRAE's discrete
+codes are K extra vocabulary tokens, predicted by the LM head like text (see ``vocab.py``).
+
+The LLM is wrapped, never subclassed: whatever ``AutoModelForCausalLM`` returns for the configured id or
+directory is used through its public contract (input embeddings, ``inputs_embeds``, logits). A checkpoint
+directory holds everything needed to rebuild the model offline::
+
+    mllm.yaml               MLLMConfig
+    tokenizer/              extended tokenizer
+    llm/                    LLM weights (safetensors); with LoRA, the base weights the adapter applies to
+    adapter/                PEFT adapter (LoRA matrices and the image-token rows), LoRA only
+    projector.safetensors
+    vqrae/                  copy of the VQRAE checkpoint
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from omegaconf import MISSING
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from vqrae import VQRAE
+from vqrae.config import from_dict, to_dict
+
+from .generate import ImageTokenSpec
+from .projector import MLPProjector, ProjectorConfig
+from .vocab import ImageVocab, add_image_tokens, resize_embeddings
+
+CONFIG_NAME = "mllm.yaml"
+PROJECTOR_NAME = "projector.safetensors"
+IGNORE_INDEX = -100  # label of positions that carry no loss (the Hugging Face convention)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False  # adapt the LLM with LoRA instead of training all of its weights
+    r: int = 16  # rank of each update
+    alpha: int = 32  # updates are scaled by alpha / r
+    dropout: float = 0.05  # on the LoRA branch input
+    # Module names to adapt; ["all-linear"] means every Linear layer of the LLM except the LM head.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class MLLMConfig:
+    llm: str = MISSING  # hub id or local directory of any AutoModelForCausalLM
+    vqrae: str = MISSING  # VQRAE checkpoint directory (VQRAE.save_pretrained); its K sets the image vocabulary
+    gguf_file: Optional[str] = None  # load this GGUF file inside `llm` (dequantised) instead of safetensors
+    trust_remote_code: bool = False  # run model code shipped with `llm`; only for models that require it
+    dtype: str = "bfloat16"  # LLM weights: float32, bfloat16 or float16
+    gradient_checkpointing: bool = False  # recompute LLM activations in backward to save memory
+    freeze_llm: bool = False  # train the projector only (understanding alignment stage)
+    new_token_noise: float = 0.0  # std of noise added to the mean-initialised rows of the new tokens
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class UnifiedOutput:
+    logits: torch.Tensor  # (B, L, V)
+    loss: Optional[torch.Tensor] = None  # mean next-token cross-entropy over labelled positions
+    image_loss: Optional[torch.Tensor] = None  # same, over image targets (code tokens and <eoi>); 0 if none
+    text_loss: Optional[torch.Tensor] = None  # same, over all other labelled targets; 0 if none
+
+
+class UnifiedModel(nn.Module):
+    """LLM + projector + frozen VQRAE, with the image vocabulary of ``vocab.py``.
+
+    Args:
+        cfg: settings applied here (freezing, gradient checkpointing, LoRA) and saved with the model.
+        llm: a causal LM whose embeddings already hold a row for every token of ``tokenizer``.
+        tokenizer: the LLM's tokenizer extended with ``add_image_tokens``.
+        vqrae: the image tokenizer; frozen and kept in eval mode, so it never receives gradients.
+        projector: maps VQRAE features (B, N, D) to LLM embeddings (B, N, H).
+        adapter: directory of a saved PEFT adapter to load when ``cfg.lora.enabled``; None creates a new one.
+
+    Use ``build`` for a new model from ``cfg`` and ``from_pretrained`` for a saved one.
+    """
+
+    def __init__(
+        self,
+        cfg: MLLMConfig,
+        llm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        vqrae: VQRAE,
+        projector: MLPProjector,
+        adapter: Optional[str] = None,
+    ):
+        super().__init__()
+        vocab = ImageVocab.from_tokenizer(tokenizer)
+        if vocab.codebook_size != vqrae.codebook_size:
+            raise ValueError(
+                f"tokenizer holds {vocab.codebook_size} image code tokens but the VQRAE codebook has "
+                f"{vqrae.codebook_size} codes"
+            )
+        rows = llm.get_input_embeddings().weight.shape[0]
+        if rows < len(tokenizer):
+            raise ValueError(f"LLM embeddings have {rows} rows but the tokenizer has {len(tokenizer)} tokens")
+        if cfg.lora.enabled and cfg.freeze_llm:
+            raise ValueError("lora.enabled and freeze_llm contradict each other: pick one")
+        self.cfg, self.tokenizer, self.vocab = cfg, tokenizer, vocab
+        self.vqrae = vqrae.requires_grad_(False).eval()
+        self.projector = projector
+        if cfg.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
+            # transformers 5 renamed the method; earlier releases only have the gradient_* name.
+            kwargs = {"use_reentrant": False}
+            if hasattr(llm, "activation_checkpointing_enable"):
+                llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if cfg.freeze_llm:
+            llm.requires_grad_(False)
+        self._llm_keys = list(llm.state_dict().keys())  # the base names, to save the base under LoRA
+        self.llm = _with_lora(llm, cfg.lora, vocab, adapter) if cfg.lora.enabled else llm
+
+    # -- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, cfg: MLLMConfig, generator: Optional[torch.Generator] = None) -> "UnifiedModel":
+        """A new model: load the LLM and VQRAE named by ``cfg``, extend the vocabulary, add a fresh projector.
+
+        ``generator`` draws the noise of ``cfg.new_token_noise``; the projector starts from torch's global RNG.
+        """
+        for name in ("llm", "vqrae"):
+            if getattr(cfg, name) in ("", MISSING):
+                raise ValueError(f"MLLMConfig.{name} is not set")
+        vqrae = VQRAE.from_pretrained(cfg.vqrae)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.llm, trust_remote_code=cfg.trust_remote_code, **_gguf(cfg))
+        before = len(tokenizer)
+        add_image_tokens(tokenizer, vqrae.codebook_size)
+        llm = _load_llm(cfg.llm, cfg, gguf=True)
+        resize_embeddings(llm, len(tokenizer), range(before, len(tokenizer)), before, cfg.new_token_noise, generator)
+        projector = MLPProjector(vqrae.encoder.dim, llm.get_input_embeddings().embedding_dim, cfg.projector.depth)
+        return cls(cfg, llm, tokenizer, vqrae, projector)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "UnifiedModel":
+        """Rebuild a ``save_pretrained`` directory with nothing else (no hub access)."""
+        file = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no unified model checkpoint at '{path}' (missing {CONFIG_NAME})")
+        with open(file) as f:
+            cfg = from_dict(MLLMConfig, yaml.safe_load(f))
+        vqrae = VQRAE.from_pretrained(os.path.join(path, "vqrae"))
+        tokenizer = AutoTokenizer.from_pretrained(
+            os.path.join(path, "tokenizer"), trust_remote_code=cfg.trust_remote_code
+        )
+        llm = _load_llm(os.path.join(path, "llm"), cfg, gguf=False)
+        projector = MLPProjector(vqrae.encoder.dim, llm.get_input_embeddings().embedding_dim, cfg.projector.depth)
+        projector.load_state_dict(load_file(os.path.join(path, PROJECTOR_NAME)), strict=True)
+        adapter = os.path.join(path, "adapter") if cfg.lora.enabled else None
+        return cls(cfg, llm, tokenizer, vqrae, projector, adapter=adapter)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write the layout described in the module docstring; ``from_pretrained(path)`` gives the same logits."""
+        os.makedirs(path, exist_ok=True)
+        self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+        self.vqrae.save_pretrained(os.path.join(path, "vqrae"))
+        projector = {k: v.detach().to("cpu").contiguous() for k, v in self.projector.state_dict().items()}
+        save_file(projector, os.path.join(path, PROJECTOR_NAME), metadata={"format": "pt"})
+        if self.cfg.lora.enabled:
+            base = self.llm.get_base_model()
+            base.save_pretrained(os.path.join(path, "llm"), state_dict=self._base_state_dict())
+            # The resized matrices are already in llm/; the adapter keeps only the image-token rows.
+            self.llm.save_pretrained(os.path.join(path, "adapter"), save_embedding_layers=False)
+        else:
+            self.llm.save_pretrained(os.path.join(path, "llm"))
+        with open(os.path.join(path, CONFIG_NAME), "w") as f:
+            yaml.safe_dump(to_dict(self.cfg), f, sort_keys=False)
+
+    def _base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA model's base weights under their original names (PEFT nests them as ``*.base_layer``)."""
+        state = {}
+        for key, value in self.llm.get_base_model().state_dict().items():
+            parts = key.split(".")
+            if any(p.startswith(("lora_", "trainable_tokens_")) for p in parts):
+                continue
+            state[".".join(p for p in parts if p not in ("base_layer", "token_adapter"))] = value
+        if set(state) != set(self._llm_keys):
+            odd = sorted(set(state) ^ set(self._llm_keys))[:5]
+            raise RuntimeError(f"cannot recover the LoRA model's base weight names; mismatched keys: {odd}")
+        return state
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA updates and the trained image-token rows into the LLM weights, for inference."""
+        if not self.cfg.lora.enabled:
+            raise ValueError("merge_lora: this model has no LoRA adapter")
+        self.llm = self.llm.merge_and_unload()
+        self.cfg = dataclasses.replace(self.cfg, lora=dataclasses.replace(self.cfg.lora, enabled=False))
+        self._llm_keys = list(self.llm.state_dict().keys())
+
+    # -- use ------------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "UnifiedModel":
+        super().train(mode)
+        self.vqrae.eval()  # frozen: its dropout/norm statistics never switch to training behaviour
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters for the optimizer (never the VQRAE's)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def image_token_spec(self) -> ImageTokenSpec:
+        """The image layout ``mllm.generate.generate_image_codes`` needs."""
+        return self.vocab.image_token_spec(self.vqrae.num_tokens)
+
+    def image_codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """VQRAE code indices (any shape) -> token ids."""
+        return self.vocab.to_tokens(codes)
+
+    def ids_to_image_codes(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids of image codes (any shape) -> VQRAE code indices."""
+        return self.vocab.to_codes(token_ids)
+
+    @torch.no_grad()
+    def tokenize_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> image-code token ids (B, N)."""
+        return self.vocab.to_tokens(self.vqrae.tokenize(images.to(self._vqrae_dtype())))
+
+    @torch.no_grad()
+    def decode_image_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """VQRAE code indices (B, N) -> images (B, 3, H, W) in [-1, 1] scale."""
+        return self.vqrae.decode_indices(codes)
+
+    def project_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images (M, 3, H, W) in [-1, 1] -> projected features (M, N, H)."""
+        with torch.no_grad():
+            features = self.vqrae.encode(images.to(self._vqrae_dtype()))  # (M, N, D)
+        weight = self.projector.net[0].weight
+        return self.projector(features.to(weight.dtype))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        images: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Input embeddings (B, L, H): token embeddings, with projected image features at ``image_mask``.
+
+        The True positions of ``image_mask`` (B, L) are filled in row-major order by the M images' N features
+        each: image 0's features at the first N True positions, image 1's at the next N, and so on.
+        """
+        if bool((input_ids < 0).any()):
+            raise ValueError("input_ids hold negative ids: insert the image codes first (mllm.data.insert_codes)")
+        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, L, H)
+        if images is None and image_mask is None:
+            return embeds
+        if images is None or image_mask is None:
+            raise ValueError("pass images and image_mask together")
+        features = self.project_images(images)  # (M, N, H)
+        slots, count = int(image_mask.sum()), features.shape[0] * features.shape[1]
+        if slots != count:
+            raise ValueError(
+                f"image_mask marks {slots} positions but {features.shape[0]} images give {count} features "
+                f"({features.shape[1]} each)"
+            )
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        images: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
+    ) -> UnifiedOutput:
+        """Next-token logits (B, L, V) and, with ``labels`` (B, L; -100 = no loss), the shifted cross-entropy."""
+        embeds = self.embed(input_ids, images, image_mask)
+        logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+        if labels is None:
+            return UnifiedOutput(logits=logits)
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        ce = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view_as(targets)
+        valid = targets != IGNORE_INDEX
+        image = valid & (self.vocab.is_code(targets) | (targets == self.vocab.eoi_id))
+        text = valid & ~image
+        return UnifiedOutput(
+            logits=logits,
+            loss=ce.sum() / valid.sum().clamp_min(1),
+            image_loss=(ce * image).sum() / image.sum().clamp_min(1),
+            text_loss=(ce * text).sum() / text.sum().clamp_min(1),
+        )
+
+    def _vqrae_dtype(self) -> torch.dtype:
+        return next(self.vqrae.parameters()).dtype
+
+
+def _gguf(cfg: MLLMConfig) -> dict:
+    return {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+
+
+def _load_llm(source: str, cfg: MLLMConfig, gguf: bool) -> PreTrainedModel:
+    if cfg.dtype not in _DTYPES:
+        raise ValueError(f"MLLMConfig.dtype must be one of {', '.join(_DTYPES)}, got '{cfg.dtype}'")
+    return AutoModelForCausalLM.from_pretrained(
+        source, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **(_gguf(cfg) if gguf else {})
+    )
+
+
+def _with_lora(llm: PreTrainedModel, lora: LoraSettings, vocab: ImageVocab, adapter: Optional[str]) -> nn.Module:
+    """Wrap ``llm`` in a PEFT LoRA model whose image-token rows (embedding and LM head) also train and save."""
+    import peft
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter is not None:
+        return PeftModel.from_pretrained(llm, adapter, is_trainable=True)
+    if "trainable_token_indices" not in LoraConfig.__dataclass_fields__:
+        raise ImportError(
+            f"LoRA with new vocabulary rows needs peft >= 0.15 (trainable_token_indices), found {peft.__version__}"
+        )
+    modules = dict((id(m), name) for name, m in llm.named_modules())
+    ids = vocab.token_ids
+    # Only the rows of the image tokens train (and are saved with the adapter); both matrices are named, and
+    # peft ties the two row sets itself when the LLM ties its LM head to the embeddings.
+    rows = {modules[id(llm.get_input_embeddings())]: ids}
+    head = llm.get_output_embeddings()
+    if head is not None:
+        rows[modules[id(head)]] = ids
+    targets = "all-linear" if list(lora.target_modules) == ["all-linear"] else list(lora.target_modules)
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        trainable_token_indices=rows, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(llm, config)

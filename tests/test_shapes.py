@@ -1,0 +1,176 @@
+import itertools
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from vqrae import shapes as S
+
+ALL_ATTRS = [
+    S.ShapeAttrs(shape, colour, size, pos, bg)
+    for shape, colour, size, pos, bg in itertools.product(S.SHAPES, S.COLOURS, S.SIZES, S.POSITIONS, S.BACKGROUNDS)
+]
+
+
+def _degrade(img: Image.Image, rng: np.random.Generator, radius=1.2, noise=15.0, jitter=20.0) -> Image.Image:
+    """Blur, per-pixel noise and a colour shift: roughly what a lossy decoder does to an image."""
+    a = np.asarray(img.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
+    a = a + rng.normal(0, noise, a.shape) + rng.uniform(-jitter, jitter, 3)
+    return Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
+
+
+def test_palette_is_separable():
+    colours = [np.array(c) for c in S.COLOURS.values()]
+    assert min(np.linalg.norm(a - b) for a, b in itertools.combinations(colours, 2)) > 120
+    for bg in S.BACKGROUNDS.values():
+        assert min(np.linalg.norm(c - np.array(bg)) for c in colours) > 140
+
+
+def test_sampling_and_rendering_are_deterministic():
+    first = [S.sample_attrs(random.Random(5)) for _ in range(3)]
+    again = [S.sample_attrs(random.Random(5)) for _ in range(3)]
+    assert first == again
+    def run(seed):
+        rng = random.Random(seed)
+        return [S.sample_attrs(rng) for _ in range(50)]
+
+    assert run(1) == run(1) and run(1) != run(2)
+    a = ALL_ATTRS[123]
+    assert np.array_equal(np.asarray(S.render(a)), np.asarray(S.render(a)))
+    assert S.render(a).size == (64, 64) and S.render(a, 96).size == (96, 96)
+
+
+def test_render_draws_the_shape_where_it_says():
+    img = np.asarray(S.render(S.ShapeAttrs("square", "red", "large", "bottom right", "gray"), 66))
+    assert tuple(img[0, 0]) == S.BACKGROUNDS["gray"]
+    assert tuple(img[55, 55]) == S.COLOURS["red"]  # centre of the bottom-right cell
+    assert (img[:44, :44] == S.BACKGROUNDS["gray"]).all()  # nothing outside that cell
+    small = S.render(S.ShapeAttrs("square", "red", "small", "center", "black"), 66)
+    large = S.render(S.ShapeAttrs("square", "red", "large", "center", "black"), 66)
+    area = [int((np.asarray(im)[..., 0] == 255).sum()) for im in (small, large)]
+    assert area[1] / area[0] == pytest.approx((0.9 / 0.6) ** 2, rel=0.15)
+
+
+def test_held_out_pairs_never_in_train_and_every_attribute_still_is():
+    rng = random.Random(0)
+    train = [S.sample_attrs(rng, "train") for _ in range(3000)]
+    test = [S.sample_attrs(rng, "test") for _ in range(300)]
+    assert not {(a.colour, a.shape) for a in train} & S.HELD_OUT
+    assert {(a.colour, a.shape) for a in test} == set(S.HELD_OUT)
+    assert {a.colour for a in train} == set(S.COLOURS) and {a.shape for a in train} == set(S.SHAPES)
+    assert {(a.colour, a.shape) for a in train} | S.HELD_OUT == set(itertools.product(S.COLOURS, S.SHAPES))
+    for field, values in (("size", S.SIZES), ("position", S.POSITIONS), ("background", S.BACKGROUNDS)):
+        assert {getattr(a, field) for a in test} == set(values)
+    with pytest.raises(ValueError):
+        S.sample_attrs(rng, "validation")
+
+
+def test_captions_and_questions_name_every_attribute():
+    rng = random.Random(0)
+    for a in ALL_ATTRS[::7]:
+        for text in (S.caption(a), S.caption(a, rng)):
+            for word in (a.size, a.colour, a.shape, a.position, a.background):
+                assert word in text, (word, text)
+        qa = dict(S.questions(a))
+        assert qa["What colour is the shape?"] == a.colour and qa["What shape is it?"] == a.shape
+        assert qa["Where is the shape?"] == a.position and qa["How big is the shape?"] == a.size
+    assert S.caption(ALL_ATTRS[0]) == "a small red circle at the top left on a black background"
+    assert len({S.caption(ALL_ATTRS[0], rng) for _ in range(40)}) > 2  # several phrasings
+
+
+def test_classifier_on_every_clean_render():
+    result = S.score([S.render(a) for a in ALL_ATTRS], ALL_ATTRS)  # every combination, once
+    assert result["colour"] >= 0.99 and result["position"] >= 0.99 and result["size"] >= 0.99
+    assert result["shape"] >= 0.95 and result["background"] == 1.0
+
+
+@pytest.mark.parametrize("size", [48, 128])
+def test_classifier_at_other_image_sizes(size):
+    attrs = ALL_ATTRS[::11]
+    result = S.score([S.render(a, size) for a in attrs], attrs)
+    assert result["colour"] >= 0.99 and result["position"] >= 0.99 and result["shape"] >= 0.9
+
+
+@pytest.mark.parametrize("radius,noise,jitter,min_shape", [(1.2, 15.0, 20.0, 0.9), (1.5, 20.0, 25.0, 0.8)])
+def test_classifier_survives_blur_noise_and_colour_shift(radius, noise, jitter, min_shape):
+    rng = np.random.default_rng(0)
+    attrs = ALL_ATTRS[::5]
+    result = S.score([_degrade(S.render(a), rng, radius, noise, jitter) for a in attrs], attrs)
+    assert result["colour"] >= 0.95 and result["position"] >= 0.95 and result["size"] >= 0.9
+    assert result["shape"] >= min_shape
+
+
+def test_classifier_on_upscaled_decoder_like_output():
+    rng = np.random.default_rng(1)
+    attrs = ALL_ATTRS[::20]
+    upscaled = [S.render(a).resize((256, 256), Image.Resampling.BICUBIC) for a in attrs]  # 64px data, 256px model
+    assert S.score([_degrade(u, rng, radius=4.0, noise=10.0) for u in upscaled], attrs)["all"] >= 0.9
+
+
+def test_classifier_accepts_arrays_and_tensors_and_spots_blank_images():
+    a = S.ShapeAttrs("star", "cyan", "large", "left", "gray")
+    img = S.render(a)
+    tensor = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1
+    assert S.classify(img) == S.classify(np.asarray(img)) == S.classify(tensor) == a
+    assert S.classify(Image.new("RGB", (64, 64), S.BACKGROUNDS["gray"])).shape == "none"
+    wrong = S.score([img, img], [a, S.ShapeAttrs("circle", "red", "large", "left", "gray")])
+    assert wrong["shape"] == 0.5 and wrong["colour"] == 0.5 and wrong["position"] == 1.0 and wrong["all"] == 0.5
+
+
+def test_write_imagefolder_loads_with_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    out = tmp_path / "shapes"
+    info = S.write_imagefolder(str(out), num_train=30, num_test=12, seed=3, size=32)
+    assert info["num_train"] == 30 and json.loads((out / "shapes.json").read_text()) == info
+    ds = datasets.load_dataset("imagefolder", data_dir=str(out), cache_dir=str(tmp_path / "cache"))
+    assert ds["train"].num_rows == 30 and ds["test"].num_rows == 12
+    for col in ("caption", "colour", "shape", "size", "position", "background", "questions"):
+        assert col in ds["train"].column_names
+    row = ds["train"][0]
+    assert row["image"].size == (32, 32)
+    assert {"question": "What shape is it?", "answer": row["shape"]} in row["questions"]
+    assert all((r["colour"], r["shape"]) not in S.HELD_OUT for r in ds["train"].select_columns(["colour", "shape"]))
+    assert all((r["colour"], r["shape"]) in S.HELD_OUT for r in ds["test"].select_columns(["colour", "shape"]))
+    attrs = S.ShapeAttrs(row["shape"], row["colour"], row["size"], row["position"], row["background"])
+    assert np.array_equal(np.asarray(row["image"]), np.asarray(S.render(attrs, 32)))
+
+
+def test_write_imagefolder_is_deterministic_and_skips_identical_work(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    S.write_imagefolder(str(a), 8, 4, seed=1)
+    S.write_imagefolder(str(b), 8, 4, seed=1)
+    for split in ("train", "test"):
+        assert sorted(os.listdir(a / split)) == sorted(os.listdir(b / split))
+        for name in os.listdir(a / split):
+            assert (a / split / name).read_bytes() == (b / split / name).read_bytes()
+    stamp = os.stat(a / "train" / "000000.png").st_mtime_ns
+    os.utime(a / "train" / "000000.png", ns=(stamp - 10**9, stamp - 10**9))
+    S.write_imagefolder(str(a), 8, 4, seed=1)  # same arguments: nothing rewritten
+    assert os.stat(a / "train" / "000000.png").st_mtime_ns == stamp - 10**9
+    S.write_imagefolder(str(a), 5, 4, seed=2)  # new arguments: rewritten
+    assert len(os.listdir(a / "train")) == 5 + 1
+    assert (a / "train" / "metadata.jsonl").read_text() != (b / "train" / "metadata.jsonl").read_text()
+    foreign = tmp_path / "foreign"
+    (foreign / "train").mkdir(parents=True)
+    (foreign / "train" / "mine.png").write_bytes(b"")
+    with pytest.raises(FileExistsError):
+        S.write_imagefolder(str(foreign), 2, 2)
+
+
+def test_demo_folder_feeds_the_data_pipeline(tmp_path):
+    from vqrae.data import DataConfig, build_dataloader
+
+    S.write_imagefolder(str(tmp_path / "shapes"), num_train=8, num_test=4, size=32)
+    cfg = DataConfig(source=str(tmp_path / "shapes"), resolution=32, text_columns=["caption"], random_crop=False,
+                     hflip=False)
+    loader, _ = build_dataloader(cfg, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    batches = list(loader)
+    assert len(batches) == 2 and all(b.data_stats == {"ok": 4} for b in batches)
+    for batch in batches:
+        for pixels, text in zip(batch.pixels, batch.text["caption"]):
+            got = S.classify(pixels)
+            assert got.colour in text and got.shape in text

@@ -1,0 +1,387 @@
+"""Image data: robust decoding, square crops in [-1, 1], and a deterministic, resumable order.
+
+``DataConfig.source`` is an ``imagefolder`` directory (a ``metadata.jsonl`` adds text columns), webdataset
+shards (a path, glob or brace pattern ending in ``.tar``), or else a Hugging Face hub dataset id.
+
+Images stay undecoded in ``datasets`` (``Image(decode=False)``) and are decoded by ``load_image``, so a
+broken file becomes a counted skip instead of an exception. ``collate`` drops bad rows and returns every
+row's status in ``Batch.data_stats``: counters inside worker processes would never reach the trainer.
+
+The order per epoch comes from ``seed + epoch`` and crops/flips from ``(seed, epoch, row)``, so a resumed
+run sees exactly the batches of an uninterrupted one. Each batch carries ``sampler_state``, the position
+just after it: save the one of the last batch trained on, as the loader's workers run ahead.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator, NamedTuple
+
+import braceexpand
+import datasets
+import numpy as np
+import torch
+from datasets.distributed import split_dataset_by_node
+from omegaconf import MISSING
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+
+MAX_PIXELS = 100_000_000  # refuse larger images: decoding one would take gigabytes
+_RESERVED = ("pixels", "index", "status", "sampler_state")
+
+
+@dataclass
+class DataConfig:
+    source: str = MISSING  # required: image directory, hub dataset id, or shards ending in .tar
+    split: str = "train"
+    streaming: bool = False  # iterate without downloading/caching the whole dataset first
+    resolution: int = 256  # side of the square crops
+    random_crop: bool = True  # else center crop
+    hflip: bool = True  # random horizontal flip
+    image_column: str = "image"  # if absent, the single image-typed column is used (webdataset "jpg")
+    text_columns: list[str] = field(default_factory=list)  # carried through, e.g. ["caption"]
+    seed: int = 0
+    num_workers: int = 0  # DataLoader worker processes
+    min_side: int = 8  # images with a smaller side are skipped as "too_small"
+    shuffle_buffer: int = 1000  # streaming only: rows shuffled within a buffer of this size
+
+
+def _failure(err: Exception) -> str:
+    return "truncated" if isinstance(err, EOFError) or "truncat" in str(err).lower() else "corrupt"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        # 16-bit modes span 0..65535; 32-bit "I"/"F" carry no range, so guess it from the data.
+        peak = 65535.0 if mode.startswith("I;16") or a.max() > 255 else (1.0 if a.max() <= 1 else 255.0)
+        return Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(
+    value: Any, min_side: int = 8, max_pixels: int = MAX_PIXELS, draft_side: int | None = None
+) -> tuple[Image.Image | None, str]:
+    """Decode bytes, a path, a PIL image or a ``{"bytes", "path"}`` dict to RGB, never raising.
+
+    Args:
+        value: the image as stored in a dataset row.
+        min_side: smaller images are rejected as ``"too_small"``.
+        max_pixels: larger images are rejected as ``"too_large"`` before their pixels are decoded.
+        draft_side: when given, big images are decoded/reduced to a shortest side of at least this.
+
+    Returns ``(image, status)``: ``"ok"``, ``"converted_<mode>"`` for a non-RGB source, or with image ``None``
+    ``"missing"``, ``"empty"``, ``"not_an_image"``, ``"truncated"``, ``"corrupt"``, ``"too_small"``, ``"too_large"``.
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+    if isinstance(value, (str, os.PathLike)):
+        if not os.path.isfile(value):
+            return None, "missing"
+        nbytes = os.path.getsize(value)
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        nbytes, value = len(value), io.BytesIO(value)
+    elif isinstance(value, Image.Image):
+        nbytes = 1
+    else:
+        return None, "missing" if value is None else "not_an_image"
+    if nbytes == 0:
+        return None, "empty"
+    if isinstance(value, Image.Image):
+        img = value
+    else:
+        try:
+            with warnings.catch_warnings():
+                # The size is checked against max_pixels below; PIL's own warning would only be noise.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(value)
+        except Image.DecompressionBombError:
+            return None, "too_large"
+        except UnidentifiedImageError:
+            return None, "not_an_image"
+        except Exception as err:  # plugins raise many types on malformed headers
+            return None, _failure(err)
+    w, h = img.size
+    if w * h > max_pixels:
+        return None, "too_large"
+    if min(w, h) < min_side:
+        return None, "too_small"
+    mode = img.mode
+    try:
+        if draft_side and min(w, h) >= 2 * draft_side:
+            scale = draft_side / min(w, h)
+            img.draft(None, (int(w * scale) + 1, int(h * scale) + 1))  # JPEG decodes at 1/2..1/8 scale
+        img.load()
+        img = _to_rgb(ImageOps.exif_transpose(img))
+    except Image.DecompressionBombError:
+        return None, "too_large"
+    except Exception as err:
+        return None, _failure(err)
+    if draft_side and min(img.size) >= 2 * draft_side:
+        img = img.reduce(min(img.size) // draft_side)  # box filter: cheap and alias-free
+    return img, "ok" if mode == "RGB" else f"converted_{mode}"
+
+
+def transform(
+    img: Image.Image, resolution: int, random_crop: bool, hflip: bool, rng: np.random.Generator
+) -> torch.Tensor:
+    """Shortest side to ``resolution`` (bicubic, antialiased), square crop, optional flip -> (3, R, R) in [-1, 1]."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if random_crop:
+        x, y = int(rng.integers(0, nw - resolution + 1)), int(rng.integers(0, nh - resolution + 1))
+    else:
+        x, y = (nw - resolution) // 2, (nh - resolution) // 2
+    img = img.crop((x, y, x + resolution, y + resolution))
+    if hflip and rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, R, R)
+    return pixels.float().div(127.5).sub(1.0)
+
+
+class SampleKey(NamedTuple):
+    index: int  # row number in the source (streaming: in this rank's stream of the epoch)
+    epoch: int
+    position: int  # batches of the epoch done once this row's batch is consumed
+
+
+def _image_column(features: datasets.Features | None, cfg: DataConfig) -> str:
+    if features is None or cfg.image_column in features:
+        return cfg.image_column
+    images = [k for k, f in features.items() if isinstance(f, datasets.Image)]
+    if len(images) != 1:
+        raise ValueError(f"image column '{cfg.image_column}' not in the data; columns: {', '.join(features)}")
+    return images[0]
+
+
+def _is_empty(value: Any) -> bool:
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or (hasattr(value, "__len__") and len(value) == 0)
+
+
+def _item(row: dict, key: SampleKey, track: bool, cfg: DataConfig, image_column: str) -> dict:
+    item: dict[str, Any] = {"index": key.index}
+    item["sampler_state"] = {"epoch": key.epoch, "position": key.position} if track else None
+    for col in cfg.text_columns:
+        value = row.get(col)
+        if _is_empty(value):
+            return {**item, "status": f"missing_{col}"}
+        item[col] = value
+    img, status = load_image(row.get(image_column), cfg.min_side, draft_side=cfg.resolution)
+    item["status"] = status
+    if img is not None:
+        rng = np.random.default_rng([cfg.seed, key.epoch, key.index])
+        item["pixels"] = transform(img, cfg.resolution, cfg.random_crop, cfg.hflip, rng)
+    return item
+
+
+class ImageRows(Dataset):
+    """Map-style rows of a ``datasets.Dataset`` as dicts with ``pixels``, ``index``, ``status`` and text.
+
+    Args:
+        rows: the source, its image column stored undecoded (see ``open_source``).
+        cfg: crop, flip, seed and column settings.
+
+    A key is a row number (epoch 0, no ``sampler_state``) or a ``SampleKey`` from ``ResumableSampler``.
+    A bad row has no ``pixels``; its ``status`` says why.
+    """
+
+    def __init__(self, rows: datasets.Dataset, cfg: DataConfig):
+        self.rows, self.cfg = rows, cfg
+        self.image_column = _image_column(rows.features, cfg)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: int | SampleKey) -> dict:
+        track = isinstance(key, SampleKey)
+        key = key if track else SampleKey(int(key), 0, 0)
+        return _item(self.rows[key.index], key, track, self.cfg, self.image_column)
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor  # (B, 3, R, R) in [-1, 1]; B is 0 when every row drawn was bad
+    index: torch.Tensor  # (B,) row numbers
+    text: dict[str, list]  # text columns, aligned with pixels
+    data_stats: Counter  # status of every row drawn, kept or dropped
+    sampler_state: dict | None  # {"epoch", "position"} just after this batch: save it to resume
+
+    def __len__(self) -> int:
+        return self.index.numel()
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.pixels.pin_memory(), self.index.pin_memory(), self.text, self.data_stats, self.sampler_state)
+
+
+def collate(items: list[dict]) -> Batch:
+    """Stack the good rows, drop the bad ones, count every row's status."""
+    kept = [it for it in items if "pixels" in it]
+    text_columns = [k for k in kept[0] if k not in _RESERVED] if kept else []
+    return Batch(
+        pixels=torch.stack([it["pixels"] for it in kept]) if kept else torch.empty(0, 3, 0, 0),
+        index=torch.tensor([it["index"] for it in kept], dtype=torch.long),
+        text={c: [it[c] for it in kept] for c in text_columns},
+        data_stats=Counter(it["status"] for it in items),
+        sampler_state=items[-1]["sampler_state"] if items else None,
+    )
+
+
+class _Position:
+    """``position`` batches of ``epoch`` handed out; ``load_state_dict`` makes iteration continue there."""
+
+    epoch: int = 0
+    position: int = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class ResumableSampler(_Position, Sampler):
+    """Batches of ``SampleKey``: a permutation per epoch from ``seed + epoch``, split across ranks.
+
+    Args:
+        num_items: rows in the source.
+        rank: this process's rank.
+        world_size: number of processes; each gets ``num_items // world_size`` rows an epoch, disjoint.
+        seed: shared by all ranks.
+        batch_size: rows per batch on this rank; an incomplete last batch is dropped so all ranks
+            take the same number of steps.
+
+    Iterating yields the rest of the current epoch; the next iteration starts the next epoch.
+    """
+
+    def __init__(self, num_items: int, rank: int, world_size: int, seed: int, batch_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.num_items, self.rank, self.world_size = num_items, rank, world_size
+        self.seed, self.batch_size = seed, batch_size
+        self.per_rank = num_items // world_size
+        self.num_batches = self.per_rank // batch_size
+        if self.num_batches == 0:
+            raise ValueError(f"{num_items} rows over {world_size} ranks do not fill one batch of {batch_size}")
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """This rank's rows for ``epoch``, in order."""
+        perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return perm[: self.per_rank * self.world_size][self.rank :: self.world_size].tolist()
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        if self.position >= self.num_batches:
+            self.epoch, self.position = self.epoch + 1, 0
+        epoch, order, b = self.epoch, self.epoch_order(self.epoch), self.batch_size
+        while self.position < self.num_batches:
+            p = self.position
+            self.position += 1
+            yield [SampleKey(i, epoch, p + 1) for i in order[p * b : (p + 1) * b]]
+
+
+class StreamingRows(_Position, IterableDataset):
+    """Endless rows of a streamed source, split by rank, in chunks of one batch, resumable.
+
+    Args:
+        rows: the streamed source, its image column stored undecoded (see ``open_source``).
+        cfg: crop, flip, seed and column settings.
+        rank: this process's rank.
+        world_size: number of processes.
+        batch_size: rows per chunk; must equal the DataLoader's batch size.
+
+    Each DataLoader worker reads the whole stream of this rank and keeps every ``num_workers``-th chunk,
+    matching the loader's round-robin over workers, so the batch order does not depend on the number of
+    workers and a resume skips exactly the chunks already consumed. An incomplete last chunk of an epoch
+    is dropped; each epoch reshuffles with ``seed + epoch``.
+    """
+
+    def __init__(self, rows: datasets.IterableDataset, cfg: DataConfig, rank: int, world_size: int, batch_size: int):
+        self.image_column = _image_column(rows.features, cfg)
+        rows = rows.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
+        self.rows = split_dataset_by_node(rows, rank=rank, world_size=world_size)
+        self.cfg, self.batch_size = cfg, batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, start, dealt = self.epoch, self.position, 0
+        while True:
+            self.rows.set_epoch(epoch)
+            # .iter() reads the stream directly; plain iteration would shard it across workers itself.
+            chunks = self.rows.iter(batch_size=self.batch_size, drop_last_batch=True)
+            p = -1
+            for p, chunk in enumerate(chunks):
+                if p < start:
+                    continue
+                self.epoch, self.position = epoch, p + 1  # what was handed out, as ResumableSampler.state_dict
+                if dealt % num_workers == worker:
+                    for j in range(self.batch_size):
+                        key = SampleKey(p * self.batch_size + j, epoch, p + 1)
+                        yield _item({k: v[j] for k, v in chunk.items()}, key, True, self.cfg, self.image_column)
+                dealt += 1
+            if p < 0:
+                raise ValueError(f"streamed source has fewer than {self.batch_size} rows for this rank")
+            epoch, start = epoch + 1, 0
+
+
+def _shard_files(pattern: str) -> list[str]:
+    files: list[str] = []
+    for part in braceexpand.braceexpand(pattern):
+        files.extend(sorted(glob.glob(part)) if glob.has_magic(part) else [part])
+    return files
+
+
+def open_source(cfg: DataConfig, cache_dir: str | None = None) -> datasets.Dataset | datasets.IterableDataset:
+    """Load ``cfg.source``'s split with only the needed columns and the image column undecoded."""
+    if cfg.source in ("", MISSING):
+        raise ValueError("data source is not set")
+    kwargs = dict(split=cfg.split, streaming=cfg.streaming, cache_dir=cache_dir)
+    if cfg.source.endswith(".tar"):
+        files = _shard_files(cfg.source)
+        if not files:
+            raise ValueError(f"no shards match {cfg.source}")
+        rows = datasets.load_dataset("webdataset", data_files={cfg.split: files}, **kwargs)
+    elif os.path.isdir(cfg.source):
+        rows = datasets.load_dataset("imagefolder", data_dir=cfg.source, **kwargs)
+    else:
+        rows = datasets.load_dataset(cfg.source, **kwargs)
+    image_column, features = _image_column(rows.features, cfg), rows.features
+    bad = [c for c in cfg.text_columns if c in _RESERVED or (features is not None and c not in features)]
+    if bad:
+        raise ValueError(f"text columns {bad} unusable; columns: {', '.join(features or [])}")
+    rows = rows.select_columns([image_column, *cfg.text_columns])
+    return rows.cast_column(image_column, datasets.Image(decode=False))
+
+
+def build_dataloader(
+    cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1, cache_dir: str | None = None,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, ResumableSampler | StreamingRows]:
+    """DataLoader of ``Batch`` plus the object whose ``load_state_dict`` resumes it.
+
+    A map-style loader runs one epoch per iteration; a streaming one never ends.
+    """
+    rows = open_source(cfg, cache_dir)
+    common = dict(num_workers=cfg.num_workers, collate_fn=collate, pin_memory=pin_memory)
+    if isinstance(rows, datasets.IterableDataset):
+        stream = StreamingRows(rows, cfg, rank, world_size, batch_size)
+        return DataLoader(stream, batch_size=batch_size, **common), stream
+    sampler = ResumableSampler(len(rows), rank, world_size, cfg.seed, batch_size)
+    # Workers hold no per-epoch state (the epoch travels in each key), so they can persist.
+    loader = DataLoader(ImageRows(rows, cfg), batch_sampler=sampler, persistent_workers=cfg.num_workers > 0, **common)
+    return loader, sampler
