@@ -1,0 +1,303 @@
+"""Inference with a saved unified model: text-to-image generation and questions about an image.
+
+These are the steps behind ``scripts/generate.py``, usable from Python::
+
+    model = load_model("outputs/demo/mllm/model", device="cuda")
+    result = generate_images(model, ["a red circle"], SamplingConfig(seed=0), num_images=4)
+    saved = save_images(result, "outputs/generated")
+    answer = answer_question(model, read_image("photo.png"), "What colour is the shape?")
+
+Prompts are laid out exactly as in training (``mllm.data``); sampling is ``mllm.generate``. Every input
+problem is raised as a ``ValueError`` (or ``FileNotFoundError``) with a one-line message.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vqrae.data import load_image, transform
+
+from .data import GenerationPrompts, _turn_end, generation_prompt_ids, pad_token_id, understanding_prompt
+from .generate import SamplingConfig, generate_image_codes, generate_text
+from .model import UnifiedModel
+
+GRID_NAME = "grid.png"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class GeneratedImages:
+    images: torch.Tensor  # (P * n, 3, H, W) in [-1, 1] on the CPU; image j of prompt i is row i * n + j
+    codes: torch.Tensor  # (P * n, N) VQRAE code indices the images were decoded from
+    prompts: list[str]  # the P prompts
+    num_images: int  # n, images per prompt
+
+
+@dataclass
+class SavedImages:
+    paths: list[str]  # one PNG per image, in the row order of GeneratedImages
+    grid: str  # all images in one PNG: a row per prompt (one prompt: a near-square grid)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: Optional[str] = None) -> UnifiedModel:
+    """A ``save_pretrained`` directory as an inference model on ``device``, in eval mode, LoRA merged.
+
+    Args:
+        path: the model directory.
+        device: where to run, e.g. "cpu", "cuda", "cuda:1".
+        dtype: LLM weights "float32", "bfloat16" or "float16"; None keeps the saved dtype on CUDA and uses
+            float32 elsewhere (half-precision matrix products are slow or missing on CPUs). The projector and
+            VQRAE keep their dtype.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' requested but CUDA is not available")
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no model directory at '{path}'")
+    model = UnifiedModel.from_pretrained(path)
+    if model.cfg.lora.enabled:
+        model.merge_lora()  # one plain LLM: no adapter branches on every decode step
+    if dtype is None:
+        dtype = model.cfg.dtype if device.type == "cuda" else "float32"
+    model.llm.to(_DTYPES[dtype])
+    return model.to(device).eval()
+
+
+def _max_positions(model: UnifiedModel) -> Optional[int]:
+    text = model.llm.config.get_text_config(decoder=True)
+    return getattr(text, "max_position_embeddings", None)
+
+
+def max_prompt_tokens(model: UnifiedModel) -> Optional[int]:
+    """Longest generation prompt (in tokens) that leaves room for ``<boi>`` and the image's N codes; None if
+    the LLM states no position limit."""
+    positions = _max_positions(model)
+    return None if positions is None else positions - model.vqrae.num_tokens - 1
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def build_generation_prompts(
+    model: UnifiedModel, prompts: Sequence[str], negative_prompt: Optional[str] = None
+) -> GenerationPrompts:
+    """Token ids of each prompt and of the unconditional prompt, as the model saw them in training.
+
+    ``negative_prompt`` replaces the empty caption of the unconditional branch, so guidance steers away
+    from it. Raises ``ValueError`` for an empty prompt or one too long to leave room for the image.
+    """
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, text in enumerate(prompts):
+        if not text.strip():
+            raise ValueError(f"prompt {i + 1} is empty")
+    tok = model.tokenizer
+    cond = [generation_prompt_ids(tok, text) for text in prompts]
+    uncond = generation_prompt_ids(tok, negative_prompt or "")
+    limit = max_prompt_tokens(model)
+    if limit is not None:
+        named = [(f"prompt {i + 1}" if len(prompts) > 1 else "the prompt", ids) for i, ids in enumerate(cond)]
+        for name, ids in named + [("the negative prompt", uncond)]:
+            if len(ids) > limit:
+                raise ValueError(
+                    f"{name} is {len(ids)} tokens but this model takes at most {limit} "
+                    f"({_max_positions(model)} positions minus {model.vqrae.num_tokens + 1} for the image)"
+                )
+    return GenerationPrompts(cond=cond, uncond=uncond)
+
+
+def generate_images(
+    model: UnifiedModel,
+    prompts: Sequence[str],
+    sampling: SamplingConfig,
+    *,
+    num_images: int = 1,
+    negative_prompt: Optional[str] = None,
+    batch_size: int = 8,
+    generator: Optional[torch.Generator] = None,
+    compile_step: bool = False,
+) -> GeneratedImages:
+    """``num_images`` images for each prompt: sample H*W image codes with guidance, decode them with the VQRAE.
+
+    The images are a deterministic function of the prompts, ``num_images``, ``batch_size`` and the seed: one
+    generator is drawn from batch after batch, so a different batch size gives different (equally valid)
+    images.
+
+    Args:
+        model: from ``load_model``.
+        prompts: P captions.
+        sampling: temperature / top-k / top-p / guidance scale; its seed seeds the generator when none is
+            passed. ``cfg_scale == 1`` runs the conditional branch only.
+        num_images: n, images per prompt.
+        negative_prompt: text for the unconditional branch instead of the empty caption.
+        batch_size: images per sampler call (a guided call runs twice as many rows).
+        generator: RNG on the model's device, drawn from across all batches.
+        compile_step: on CUDA, compile the one-token decode step (see ``mllm.generate``).
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids = build_generation_prompts(model, prompts, negative_prompt)
+    device = next(model.llm.parameters()).device
+    if generator is None and sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    guided = sampling.cfg_scale != 1
+    rows = [cond for cond in ids.cond for _ in range(num_images)]
+    spec, pad_id = model.image_token_spec(), pad_token_id(model.tokenizer)
+    codes, images = [], []
+    for start in range(0, len(rows), batch_size):
+        batch_codes = generate_image_codes(
+            model.llm, rows[start : start + batch_size], spec, sampling, uncond_ids=[ids.uncond] if guided else None,
+            pad_id=pad_id, generator=generator, compile_step=compile_step,
+        )  # (b, N)
+        pixels = model.decode_image_codes(batch_codes)  # (b, 3, H, W)
+        codes.append(batch_codes.cpu())
+        images.append(pixels.float().clamp(-1, 1).cpu())
+    return GeneratedImages(
+        images=torch.cat(images), codes=torch.cat(codes), prompts=list(prompts), num_images=num_images
+    )
+
+
+# ----------------------------------------------------------------------------- images on disk
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images (..., 3, H, W) in [-1, 1] -> uint8 in [0, 255], same shape; values outside are clamped."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def image_grid(images: torch.Tensor, columns: int, padding: int = 2, fill: int = 255) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) tiled row by row into one (3, rows * (H + p) + p, columns * (W + p) + p)
+    image, with ``padding`` pixels of ``fill`` around and between the tiles."""
+    b, c, h, w = images.shape
+    columns = max(1, min(columns, b))
+    rows = math.ceil(b / columns)
+    grid = images.new_full((c, rows * (h + padding) + padding, columns * (w + padding) + padding), fill)
+    for k in range(b):
+        r, col = divmod(k, columns)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, y : y + h, x : x + w] = images[k]
+    return grid
+
+
+def grid_columns(num_prompts: int, num_images: int) -> int:
+    """A row per prompt when there are several; one prompt's images in a near-square grid."""
+    return num_images if num_prompts > 1 else math.ceil(math.sqrt(num_images))
+
+
+def save_png(image: torch.Tensor, path: str) -> None:
+    """Write a uint8 image (3, H, W) as a PNG (byte-identical for identical pixels)."""
+    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(path, format="PNG")
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return "-".join(words)[:limit].strip("-")
+
+
+def save_images(result: GeneratedImages, out_dir: str) -> SavedImages:
+    """Write ``{prompt:03d}_{image:02d}_{prompt words}.png`` per image and ``grid.png`` into ``out_dir``.
+
+    Files of an earlier run with the same names are overwritten.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    pixels = to_uint8(result.images)
+    paths = []
+    for k in range(pixels.shape[0]):
+        i, j = divmod(k, result.num_images)
+        slug = _slug(result.prompts[i])
+        name = f"{i:03d}_{j:02d}" + (f"_{slug}" if slug else "") + ".png"
+        paths.append(os.path.join(out_dir, name))
+        save_png(pixels[k], paths[-1])
+    grid = os.path.join(out_dir, GRID_NAME)
+    save_png(image_grid(pixels, grid_columns(len(result.prompts), result.num_images)), grid)
+    return SavedImages(paths=paths, grid=grid)
+
+
+# ----------------------------------------------------------------------------- understanding
+
+
+def read_image(path: str) -> Image.Image:
+    """An image file as RGB; ``FileNotFoundError`` / ``ValueError`` (one line) when it cannot be used."""
+    image, status = load_image(path)
+    if status == "missing":
+        raise FileNotFoundError(f"no image file at '{path}'")
+    if image is None:
+        raise ValueError(f"cannot read image '{path}': {status.replace('_', ' ')}")
+    return image
+
+
+def stop_ids(model: UnifiedModel) -> list[int]:
+    """Token ids that end an answer: the tokenizer's and LLM's eos, and the chat template's end-of-turn token
+    (the answer targets of training end with it)."""
+    tok = model.tokenizer
+    ids = {tok.eos_token_id}
+    eos = model.llm.generation_config.eos_token_id if model.llm.generation_config is not None else None
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    if getattr(tok, "chat_template", None):
+        end = tok.encode(_turn_end(tok), add_special_tokens=False)
+        # Only a special token: a plain-text turn end (a newline) may also occur inside an answer.
+        if end and end[0] in set(tok.all_special_ids) | set(tok.get_added_vocab().values()):
+            ids.add(end[0])
+    return sorted(i for i in ids if i is not None)
+
+
+def answer_question(
+    model: UnifiedModel,
+    image: Union[Image.Image, torch.Tensor],
+    question: str,
+    *,
+    max_new_tokens: int = 128,
+    sampling: Optional[SamplingConfig] = None,
+    generator: Optional[torch.Generator] = None,
+) -> str:
+    """The model's answer to ``question`` about ``image``, with special tokens removed.
+
+    Args:
+        model: from ``load_model``.
+        image: a PIL image (center-cropped and resized to the VQRAE's resolution, as in training) or a
+            tensor (3, H, W) in [-1, 1].
+        question: the user turn; an ``<image>`` placeholder in it sets where the image goes, else it leads.
+        max_new_tokens: upper bound on the answer's tokens; lowered to the positions the LLM has left.
+        sampling: default greedy (temperature 0); ``cfg_scale`` is not used.
+        generator: RNG for sampled answers; default from ``sampling.seed``.
+    """
+    if not question.strip():
+        raise ValueError("the question is empty")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = sampling if sampling is not None else SamplingConfig(temperature=0.0, cfg_scale=1.0)
+    if isinstance(image, Image.Image):
+        image = transform(image, model.vqrae.image_size, random_crop=False, hflip=False, rng=np.random.default_rng(0))
+    prompt = understanding_prompt(model.tokenizer, model.vocab, question, model.vqrae.num_tokens)
+    positions = _max_positions(model)
+    if positions is not None:
+        if len(prompt.input_ids) >= positions:
+            raise ValueError(
+                f"the question with its image is {len(prompt.input_ids)} tokens but this model holds at most "
+                f"{positions} positions"
+            )
+        max_new_tokens = min(max_new_tokens, positions - len(prompt.input_ids))
+    device = next(model.llm.parameters()).device
+    ids = torch.tensor([prompt.input_ids], device=device)
+    mask = torch.tensor([prompt.image_mask], device=device)
+    with torch.inference_mode():
+        embeds = model.embed(ids, image[None].to(device), mask)  # (1, L, H)
+    answer = generate_text(
+        model.llm, inputs_embeds=embeds, max_new_tokens=max_new_tokens, sampling=sampling,
+        eos_id=stop_ids(model), generator=generator,
+    )[0]
+    return model.tokenizer.decode(answer, skip_special_tokens=True).strip()

@@ -1,0 +1,193 @@
+"""Generate images from text, or answer a question about an image, with a trained unified model.
+
+    python scripts/generate.py --prompt "a red circle on a blue background" --num-images 4 --seed 0
+    python scripts/generate.py --prompts prompts.txt --cfg 3.0 --top-k 64 --out outputs/generated
+    python scripts/generate.py --image photo.png --prompt "What shape is in the image?"
+
+Generation writes one PNG per image and a grid.png (a row per prompt) into --out and prints their paths.
+A prompts file holds one prompt per line (blank lines are skipped); --num-images images are made for each,
+--batch-size at a time. The same seed, prompts, --num-images and --batch-size give the same images; without
+--seed a fresh one is drawn and printed. --negative-prompt replaces the empty caption of the unconditional
+guidance branch. With --image the answer is printed; it is greedy unless --temperature is given.
+
+Sampling defaults (those of mllm.generate.SamplingConfig): --cfg 4.0, --temperature 1.0, no top-k, top-p 1.
+Bad input ends the run with a one-line message on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DEFAULT_MODEL = "outputs/demo/mllm/model"  # where scripts/run_demo.sh leaves the unified model
+DEFAULT_OUT = "outputs/generated"
+
+
+class UsageError(Exception):
+    """Bad input, reported as one line and exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the whole usage block first
+        raise UsageError(message)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("what to do")
+    what.add_argument("--prompt", help="a caption to draw, or with --image the question")
+    what.add_argument("--prompts", metavar="FILE", help="a file of captions, one per line")
+    what.add_argument("--image", metavar="PATH", help="answer --prompt about this image instead of generating")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a saved unified model directory (default {DEFAULT_MODEL})")
+    p.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale s in u + s (c - u); 1 = off, 0 = unconditional")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default for answers)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; 1 = off")
+    p.add_argument("--seed", type=int, default=None, help="default: a fresh seed, printed")
+    p.add_argument("--negative-prompt", default=None, help="text the unconditional branch uses instead of '' (with --cfg != 1)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the PNGs (default {DEFAULT_OUT})")
+    p.add_argument("--batch-size", type=int, default=8, help="images per sampler call (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer with --image (default 128)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="LLM weights; auto = the saved dtype on CUDA, float32 on CPU")
+    p.add_argument("--compile", action="store_true", help="CUDA only: compile the decode step (slow start, fast steps)")
+    return p.parse_args(argv)
+
+
+def _read_prompts(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise UsageError(f"prompts file '{path}' does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read prompts file '{path}': {e}") from None
+    if not prompts:
+        raise UsageError(f"prompts file '{path}' holds no prompts")
+    return prompts
+
+
+def _check_writable(out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write to --out '{out}': {e.strerror or e}") from None
+
+
+def validate(args: argparse.Namespace) -> list[str]:
+    """Everything checkable without torch; returns the prompts (captions, or the one question)."""
+    for name in ("cfg", "temperature", "top_p"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if args.temperature is not None and args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.cfg is not None and args.cfg < 0:
+        raise UsageError(f"--cfg must be >= 0 (1 = no guidance), got {args.cfg}")
+    if args.top_k is not None and args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    for flag in ("num_images", "batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+
+    if args.prompt is not None and args.prompts is not None:
+        raise UsageError("pass --prompt or --prompts, not both")
+    if args.image is not None:
+        if args.prompt is None:
+            raise UsageError("--image needs the question as --prompt")
+        if not os.path.isfile(args.image):
+            raise UsageError(f"--image '{args.image}' does not exist")
+        if not os.access(args.image, os.R_OK):
+            raise UsageError(f"--image '{args.image}' is not readable")
+    if args.prompt is None and args.prompts is None:
+        raise UsageError("nothing to do: pass --prompt TEXT, --prompts FILE, or --image PATH --prompt QUESTION")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts)
+
+    if not os.path.isdir(args.model):
+        if os.path.normpath(args.model) == os.path.normpath(DEFAULT_MODEL):
+            raise UsageError(
+                f"no model at {DEFAULT_MODEL}: train one first with `bash scripts/run_demo.sh` "
+                "(or `deepspeed scripts/train_mllm.py` after the tokenizer training), or pass --model DIR"
+            )
+        raise UsageError(f"no model directory at '{args.model}'")
+    if args.image is None:
+        _check_writable(args.out)
+    return prompts
+
+
+def _run(args: argparse.Namespace, prompts: list[str]) -> None:
+    # Heavy imports only now: bad arguments fail above in a fraction of a second.
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from mllm.generate import SamplingConfig
+    from mllm.inference import answer_question, generate_images, load_model, read_image, save_images
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # stderr carries errors only
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device '{args.device}': {e}") from None
+    dtype = None if args.dtype == "auto" else args.dtype
+    given = {k: v for k, v in dict(top_k=args.top_k, top_p=args.top_p).items() if v is not None}
+
+    if args.image is not None:
+        image = read_image(args.image)  # before the model load: a bad file fails fast
+        model = load_model(args.model, device, dtype)
+        temperature = args.temperature if args.temperature is not None else 0.0
+        sampling = SamplingConfig(temperature=temperature, cfg_scale=1.0, seed=args.seed, **given)
+        print(answer_question(model, image, prompts[0], max_new_tokens=args.max_new_tokens, sampling=sampling))
+        return
+
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    if args.temperature is not None:
+        given["temperature"] = args.temperature
+    if args.cfg is not None:
+        given["cfg_scale"] = args.cfg
+    sampling = SamplingConfig(seed=seed, **given)
+    model = load_model(args.model, device, dtype)
+    result = generate_images(
+        model, prompts, sampling, num_images=args.num_images, negative_prompt=args.negative_prompt,
+        batch_size=args.batch_size, compile_step=args.compile,
+    )
+    saved = save_images(result, args.out)
+    for path in saved.paths:
+        print(path)
+    print(f"grid: {saved.grid}")
+    print(f"seed: {seed}")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        prompts = validate(args)
+        _run(args, prompts)
+    except (UsageError, ValueError, OSError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Create the demo's stand-in LLM: a small randomly initialised LLaMA-shaped model and a word-level tokenizer
+built from the shapes data set's captions and questions, saved like any Hugging Face model directory.
+
+A real run names a hub LLM instead (``model.llm: Qwen/Qwen3-0.6B``); nothing else changes.
+
+    python scripts/make_demo_llm.py [--data data/shapes] [--out outputs/demo/llm]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+
+def build_tokenizer(words: set[str]):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    vocab = {tok: i for i, tok in enumerate(specials + ["\n"] + sorted(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    # newlines are tokens (they end prompts); spaces separate words; punctuation stands alone
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(" +"), behavior="removed"),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+    ])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                   eos_token="<eos>")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default="data/shapes")
+    ap.add_argument("--out", default="outputs/demo/llm")
+    ap.add_argument("--hidden", type=int, default=192)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    meta = os.path.join(args.data, "train", "metadata.jsonl")
+    if not os.path.isfile(meta):
+        print(f"error: no shapes data at {args.data}; run scripts/make_demo_data.py first", file=sys.stderr)
+        sys.exit(2)
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    words: set[str] = set()
+    for split in ("train", "test"):
+        for line in open(os.path.join(args.data, split, "metadata.jsonl")):
+            row = json.loads(line)
+            texts = [row["caption"]] + [t for qa in row["questions"] for t in (qa["question"], qa["answer"])]
+            for text in texts:
+                words.update(w for w in re.findall(r"[^\s\W]+|[^\w\s]", text))
+    tokenizer = build_tokenizer(words)
+    torch.manual_seed(args.seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                      max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"demo LLM: {n / 1e6:.2f}M parameters, {len(tokenizer)} words, saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
