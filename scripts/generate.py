@@ -130,13 +130,25 @@ def validate(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _load_model(path: str, device, dtype):
+    import yaml
+    from safetensors import SafetensorError
+
+    from mllm.inference import load_model
+
+    try:
+        return load_model(path, device, dtype)
+    except (yaml.YAMLError, SafetensorError) as e:  # a damaged file in the model directory
+        raise ValueError(f"--model '{path}' cannot be loaded: {type(e).__name__}: {e}") from None
+
+
 def _run(args: argparse.Namespace, prompts: list[str]) -> None:
     # Heavy imports only now: bad arguments fail above in a fraction of a second.
     import torch
     from transformers.utils import logging as hf_logging
 
     from mllm.generate import SamplingConfig
-    from mllm.inference import answer_question, generate_images, load_model, read_image, save_images
+    from mllm.inference import answer_question, generate_images, read_image, save_images
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # stderr carries errors only
@@ -150,7 +162,7 @@ def _run(args: argparse.Namespace, prompts: list[str]) -> None:
 
     if args.image is not None:
         image = read_image(args.image)  # before the model load: a bad file fails fast
-        model = load_model(args.model, device, dtype)
+        model = _load_model(args.model, device, dtype)
         temperature = args.temperature if args.temperature is not None else 0.0
         sampling = SamplingConfig(temperature=temperature, cfg_scale=1.0, seed=args.seed, **given)
         print(answer_question(model, image, prompts[0], max_new_tokens=args.max_new_tokens, sampling=sampling))
@@ -162,7 +174,7 @@ def _run(args: argparse.Namespace, prompts: list[str]) -> None:
     if args.cfg is not None:
         given["cfg_scale"] = args.cfg
     sampling = SamplingConfig(seed=seed, **given)
-    model = load_model(args.model, device, dtype)
+    model = _load_model(args.model, device, dtype)
     result = generate_images(
         model, prompts, sampling, num_images=args.num_images, negative_prompt=args.negative_prompt,
         batch_size=args.batch_size, compile_step=args.compile,

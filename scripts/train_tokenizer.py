@@ -19,13 +19,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from vqrae.config import ConfigError, load_config, save_yaml  # noqa: E402
-from vqrae.training import TrainingError  # noqa: E402
+from vqrae.training import TrainingError, check_run_config  # noqa: E402
 
 DEFAULT_CONFIG = "configs/tokenizer/demo_stage1.yaml"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the whole usage block first
+        raise ConfigError(message)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = _Parser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint, if any) or a checkpoint dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
@@ -35,9 +40,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    from vqrae.losses import reconstruction_loss
     from vqrae.trainer import TokenizerTrainConfig
 
     cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
+    try:  # the loss is the one place that knows the valid kinds; otherwise a bad one fails only at step 1
+        reconstruction_loss(torch.zeros(1), torch.zeros(1), cfg.loss.recon)
+    except ValueError as e:
+        raise ConfigError(f"loss.recon: {e}") from None
     if cfg.stage == 2 and not cfg.init_from:
         raise ConfigError("stage 2 needs init_from: the stage-1 export (<stage-1 output_dir>/model); run stage 1 first")
     if cfg.stage == 2 and not os.path.isfile(os.path.join(cfg.init_from, "config.yaml")):
@@ -46,6 +56,8 @@ def main(argv=None) -> None:
         raise ConfigError(f"stage must be 1 or 2, got {cfg.stage}")
     if not cfg.data.source:
         raise ConfigError("data.source is empty: give an imagefolder directory, a hub dataset id or .tar shards")
+    # the launcher exports WORLD_SIZE to every rank: bad batch sizes fail here, before any process group exists
+    check_run_config(cfg.run, cfg.optim, int(os.environ.get("WORLD_SIZE", "1")))
     train(cfg, args.resume)
 
 
@@ -74,7 +86,11 @@ def train(cfg, resume: str | None) -> None:
     resume_dir = ckpt.resolve(resume)
 
     # -- model ---------------------------------------------------------------------------------------------
-    model = VQRAE.from_pretrained(cfg.init_from) if cfg.stage == 2 else VQRAE(cfg.model)
+    try:
+        model = VQRAE.from_pretrained(cfg.init_from) if cfg.stage == 2 else VQRAE(cfg.model)
+    except Exception as e:  # built from the config or init_from alone: whatever fails there is the user's to fix
+        source = f"init_from '{cfg.init_from}'" if cfg.stage == 2 else "the model config"
+        raise ConfigError(f"cannot build the VQRAE from {source}: {type(e).__name__}: {_first_line(e)}") from None
     cfg.model = model.cfg
     set_stage(model, cfg.stage)
     teacher = make_teacher(model.encoder) if cfg.stage == 2 else None
@@ -97,11 +113,17 @@ def train(cfg, resume: str | None) -> None:
         disc = build_discriminator(loss_cfg)
         d_opt = make_optimizer(param_groups(disc.named_parameters(), loss_cfg.disc_lr, 0.0, "disc"), optim)
         disc_engine, _, _, _ = deepspeed.initialize(model=disc, optimizer=d_opt, config=dict(ds_cfg))
-    perceptual = PerceptualLoss(loss_cfg.lpips_net, loss_cfg.lpips_backbone).to(device) if loss_cfg.perceptual_weight > 0 else None
+    try:
+        perceptual = PerceptualLoss(loss_cfg.lpips_net, loss_cfg.lpips_backbone).to(device) if loss_cfg.perceptual_weight > 0 else None
+    except ValueError as e:  # unknown net, missing trunk file, no cached ImageNet weights offline
+        raise ConfigError(f"loss: {_first_line(e)}") from None
     # ZeRO-3 partitions parameters: EMA and the adaptive GAN weight need whole tensors, so both are off there.
     ema = EMA(engine.module, run.ema_decay) if run.ema_decay > 0 and not zero3 else None
 
-    loader, sampler = build_dataloader(cfg.data, run.micro_batch_size, rank, world)
+    try:
+        loader, sampler = build_dataloader(cfg.data, run.micro_batch_size, rank, world)
+    except ValueError as e:  # no shards match, no image column, fewer rows than one batch per rank
+        raise TrainingError(f"data.source '{cfg.data.source}': {_first_line(e)}") from None
     usage = CodebookUsage(model.codebook_size, cfg.codebook_window)
     guard = NonFiniteGuard(run.max_nonfinite)
     data_stats: dict = {}
@@ -136,6 +158,13 @@ def train(cfg, resume: str | None) -> None:
                     + (f", resumed from {resume_dir} at step {step}" if resume_dir else ""))
 
     def save(step: int) -> str:
+        try:
+            return write_checkpoint(step)
+        except OSError as e:  # full disk, lost mount: the earlier checkpoints are untouched, resume from them
+            raise TrainingError(f"writing the step {step} checkpoint failed ({_first_line(e)}); last complete "
+                                f"checkpoint: {last_ckpt or 'none'}") from None
+
+    def write_checkpoint(step: int) -> str:
         tmp = ckpt.tmp_dir(step)
         engine.save_checkpoint(tmp, tag="generator")
         if disc_engine is not None:
@@ -160,6 +189,8 @@ def train(cfg, resume: str | None) -> None:
     data_iter = iter(loader)
     window_imgs, window_t0 = 0, time.time()
     sums: dict = {}
+    # a source with no readable image would otherwise skip empty micro-batches forever; streams have no epoch
+    empty_run, empty_limit = 0, len(sampler) if hasattr(sampler, "__len__") else 1000
     while step < run.steps:
         try:
             batch = next(data_iter)
@@ -172,7 +203,12 @@ def train(cfg, resume: str | None) -> None:
         images = batch.pixels
         # a micro-batch whose rows were all unreadable: every rank skips it together, or collectives desync
         if all_reduce_sum(torch.tensor([float(images.shape[0] == 0)])).item() > 0:
+            empty_run += 1
+            if empty_run >= empty_limit:
+                raise TrainingError(f"data.source '{cfg.data.source}': {empty_run} micro-batches in a row without a "
+                                    f"readable image; row statuses so far: {data_stats}")
             continue
+        empty_run = 0
         images = images.to(device)
         out = engine(images.to(dtype))
         target = match_size(images, engine.module.image_size)
@@ -247,6 +283,10 @@ def train(cfg, resume: str | None) -> None:
         logger.info(f"data: {bad if bad else 'no unreadable or converted images'}; non-finite steps skipped: {guard.total}")
         logger.info(f"done: {step} steps; model exported to {export_dir}")
     logger.close()
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
 
 
 if __name__ == "__main__":

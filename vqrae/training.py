@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -95,7 +96,14 @@ def barrier() -> None:
 
 
 # -- optimizer ----------------------------------------------------------------------------------------------
-def deepspeed_config(run: RunConfig, optim: OptimConfig, world_size: int) -> Dict[str, Any]:
+def check_run_config(run: RunConfig, optim: OptimConfig, world_size: int) -> None:
+    """Raise ``TrainingError`` (one line) for run or optimizer settings that cannot train.
+
+    Needs nothing but the configs, so entry points call it before any model, data or process group exists.
+    """
+    for name in ("steps", "batch_size", "micro_batch_size", "log_every", "save_every", "keep_last", "max_nonfinite"):
+        if getattr(run, name) < 1:
+            raise TrainingError(f"run.{name} must be >= 1, got {getattr(run, name)}")
     per_step = run.micro_batch_size * world_size
     if run.batch_size % per_step:
         raise TrainingError(
@@ -106,6 +114,28 @@ def deepspeed_config(run: RunConfig, optim: OptimConfig, world_size: int) -> Dic
         raise TrainingError(f"run.precision must be 'bf16' or 'fp32', got '{run.precision}'")
     if run.zero_stage not in (0, 1, 2, 3):
         raise TrainingError(f"run.zero_stage must be 0, 1, 2 or 3, got {run.zero_stage}")
+    if run.image_every < 0:
+        raise TrainingError(f"run.image_every must be >= 0 (0 = never), got {run.image_every}")
+    if not 0.0 <= run.ema_decay < 1.0:
+        raise TrainingError(f"run.ema_decay must lie in [0, 1) (0 = no EMA), got {run.ema_decay}")
+    if run.deepspeed_config and not os.path.isfile(run.deepspeed_config):
+        raise TrainingError(f"run.deepspeed_config not found: {run.deepspeed_config}")
+    if optim.schedule not in ("cosine", "constant"):
+        raise TrainingError(f"optim.schedule must be 'cosine' or 'constant', got '{optim.schedule}'")
+    if not optim.lr > 0 or not math.isfinite(optim.lr):
+        raise TrainingError(f"optim.lr must be a positive number, got {optim.lr}")
+    if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
+        raise TrainingError(f"optim.betas must be two numbers in [0, 1), got {list(optim.betas)}")
+    if optim.warmup_steps < 0 or optim.grad_clip < 0 or not optim.eps > 0:
+        raise TrainingError(
+            f"optim.warmup_steps and optim.grad_clip must be >= 0 and optim.eps > 0, got {optim.warmup_steps}, "
+            f"{optim.grad_clip}, {optim.eps}"
+        )
+
+
+def deepspeed_config(run: RunConfig, optim: OptimConfig, world_size: int) -> Dict[str, Any]:
+    check_run_config(run, optim, world_size)
+    per_step = run.micro_batch_size * world_size
     cfg: Dict[str, Any] = {
         "train_batch_size": run.batch_size,
         "train_micro_batch_size_per_gpu": run.micro_batch_size,
@@ -117,13 +147,18 @@ def deepspeed_config(run: RunConfig, optim: OptimConfig, world_size: int) -> Dic
         "wall_clock_breakdown": False,
     }
     if run.deepspeed_config:
-        if not os.path.isfile(run.deepspeed_config):
-            raise TrainingError(f"run.deepspeed_config not found: {run.deepspeed_config}")
-        with open(run.deepspeed_config) as f:
-            extra = json.load(f)
+        try:
+            with open(run.deepspeed_config) as f:
+                extra = json.load(f)
+        except ValueError as e:
+            raise TrainingError(f"run.deepspeed_config {run.deepspeed_config} is not valid JSON: {e}") from None
+        if not isinstance(extra, dict):
+            raise TrainingError(f"run.deepspeed_config {run.deepspeed_config} must hold a JSON object")
         for k, v in extra.items():
             cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
-        run.zero_stage = int(cfg["zero_optimization"].get("stage", run.zero_stage))
+        run.zero_stage = cfg["zero_optimization"].get("stage", run.zero_stage)
+        if run.zero_stage not in (0, 1, 2, 3):
+            raise TrainingError(f"zero_optimization.stage in {run.deepspeed_config} must be 0-3, got {run.zero_stage}")
     return cfg
 
 
@@ -305,12 +340,8 @@ class Checkpointer:
         """Complete checkpoints, oldest first."""
         if not os.path.isdir(self.root):
             return []
-        out = []
-        for name in sorted(os.listdir(self.root)):
-            path = os.path.join(self.root, name)
-            if name.startswith("step_") and os.path.isfile(os.path.join(path, MANIFEST)):
-                out.append(path)
-        return out
+        names = sorted(n for n in os.listdir(self.root) if n.startswith("step_"))
+        return [os.path.join(self.root, n) for n in names if is_complete(os.path.join(self.root, n))]
 
     def resolve(self, resume: Optional[str]) -> Optional[str]:
         """``None`` -> no resume; ``"auto"`` -> newest complete checkpoint or none; else that directory."""
@@ -319,14 +350,23 @@ class Checkpointer:
         if resume == "auto":
             done = self.complete()
             return done[-1] if done else None
-        if not os.path.isfile(os.path.join(resume, MANIFEST)):
-            raise TrainingError(f"--resume {resume}: not a complete checkpoint (no {MANIFEST})")
+        if not is_complete(resume):
+            raise TrainingError(f"--resume {resume}: not a complete checkpoint (no {MANIFEST}, or files it lists are missing)")
         return resume
 
 
 def read_manifest(path: str) -> dict:
     with open(os.path.join(path, MANIFEST)) as f:
         return json.load(f)
+
+
+def is_complete(path: str) -> bool:
+    """A checkpoint folder with a readable manifest whose files all exist (a copy can lose some)."""
+    try:
+        files = read_manifest(path)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all(os.path.isfile(os.path.join(path, f)) for f in files)
 
 
 # -- numerics -----------------------------------------------------------------------------------------------
