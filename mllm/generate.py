@@ -6,11 +6,12 @@ followed by one-token decode steps through the model's normal forward (``cache=`
 ``logits_to_keep=1``), so any ``AutoModelForCausalLM`` (LLaMA, Qwen2/3, ...) works unchanged.
 
 Speed against ``lm.generate`` comes from doing less per step: no logits-processor lists or stopping
-criteria, one attention mask and one position tensor allocated up front, logits for the last position only,
-and ``torch.inference_mode``. Image steps compute only the K code logits: when the model's logits are its
-output layer applied to its base model's last hidden state (checked on one token per call), the output
-layer's code rows are applied alone; otherwise the full logits are sliced. On CUDA the one-token decode step
-can run through ``torch.compile`` (CUDA graphs) over a pre-allocated static cache.
+criteria, a pre-allocated static KV cache written in place (a dynamic cache copies itself every step), one
+attention mask and one position tensor allocated up front, logits for the last position only, and
+``torch.inference_mode``. Image steps compute only the K code logits: when the model's logits are its output
+layer applied to its base model's last hidden state (checked on one token per call), only the output
+layer's code rows are applied; otherwise the full logits are sliced. On CUDA the one-token decode step can
+run through ``torch.compile`` (CUDA graphs).
 
 Image generation uses classifier-free guidance (Ho & Salimans, 2022) with the conditional and unconditional
 prompts in one batch of 2B rows: guided logits = u + s (c - u).
@@ -27,6 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
+
+# transformers 5 names the forward argument of the KV cache `cache`; earlier releases `past_key_values`.
+_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -107,11 +112,12 @@ def sample_logits(
     return (probs / race).argmax(dim=-1)
 
 
-def new_cache(lm: PreTrainedModel, batch: int, max_len: int, *, static: bool = False) -> Cache:
-    """An empty KV cache for ``lm``: a growing ``DynamicCache``, or a ``StaticCache`` pre-allocated for
-    ``batch`` rows of ``max_len`` tokens (prompt + generated), needed by the compiled decode step.
+def new_cache(lm: PreTrainedModel, batch: int, max_len: int, *, static: bool = True) -> Cache:
+    """An empty KV cache for ``lm``: a ``StaticCache`` pre-allocated for ``batch`` rows of ``max_len``
+    tokens (prompt + generated), or a ``DynamicCache`` that grows by concatenation.
 
-    Image generation with guidance runs 2B rows (conditional and unconditional).
+    The static cache writes each step in place; the dynamic one copies itself every step, which costs more
+    than attending over the unused static slots. Image generation with guidance runs 2B rows.
     """
     if not static:
         return DynamicCache(config=lm.config)
@@ -144,18 +150,18 @@ def generate_image_codes(
     same codes in any batch as alone. Only the K code logits are sampled from, so no other token can appear.
 
     Args:
-        lm: causal LM whose vocabulary holds the image tokens (call ``lm.eval()`` first).
+        lm: causal LM whose vocabulary holds the image tokens, possibly PEFT-wrapped (call ``lm.eval()`` first).
         prompt_ids: B token-id lists (the conditions).
         spec: image token layout.
         sampling: temperature / top-k / top-p / guidance scale / seed.
         uncond_ids: unconditional prompts for guidance, B lists or one list shared by all rows. Required
             unless ``sampling.cfg_scale == 1``; when None only the B conditional rows run.
         pad_id: token id used for left padding (masked out, never attended to).
-        generator: RNG for sampling; default: a generator seeded with ``sampling.seed``, else torch's global RNG.
+        generator: RNG on the model's device; default: one seeded with ``sampling.seed``, else torch's global RNG.
         cache: KV cache to fill, e.g. ``new_cache(lm, 2 * B, max_prompt_len + num_tokens, static=True)``
-            reused across calls; it is reset first. Default: a fresh ``DynamicCache``.
-        compile_step: on CUDA, run each one-token step through ``torch.compile`` with CUDA graphs over a
-            static cache (one is made when ``cache`` is None). Ignored on other devices.
+            reused across calls; it is reset first. Default: a static cache sized for this call.
+        compile_step: on CUDA, run each one-token step through ``torch.compile`` with CUDA graphs; needs a
+            static cache (the default). Ignored on other devices.
     """
     batch = len(prompt_ids)
     if batch == 0:
@@ -218,15 +224,15 @@ def generate_text(
     ``attention_mask`` (N, L) marking real tokens. ``sampling.cfg_scale`` is not used for text.
 
     Args:
-        lm: causal LM (call ``lm.eval()`` first).
+        lm: causal LM, possibly PEFT-wrapped (call ``lm.eval()`` first).
         input_ids: prompt token ids; exactly one of ``input_ids`` and ``inputs_embeds``.
         inputs_embeds: prompt embeddings in the LM's input space.
         attention_mask: 1 for real tokens, 0 for left padding; default: no padding.
         max_new_tokens: upper bound on generated tokens per row.
         sampling: temperature / top-k / top-p / seed.
         eos_id: id (or ids) that end an answer; None runs to ``max_new_tokens``.
-        generator: RNG for sampling; default: a generator seeded with ``sampling.seed``, else torch's global RNG.
-        cache: KV cache to fill (reset first); default: a fresh ``DynamicCache``.
+        generator: RNG on the model's device; default: one seeded with ``sampling.seed``, else torch's global RNG.
+        cache: KV cache to fill (reset first); default: a static cache sized for this call.
         compile_step: on CUDA, compile the one-token step over a static cache (see ``generate_image_codes``).
     """
     if (input_ids is None) == (inputs_embeds is None):
@@ -313,13 +319,11 @@ class _Decoder:
 
         self.vocab = vocab
         # With a vocabulary range, skip the output rows outside it when that gives the model's own logits.
-        self.head = lm.get_output_embeddings() if vocab is not None and _head_is_separable(lm, vocab[1], prompt) else None
-        self.body = lm.base_model if self.head is not None else lm
-        self.cache_kw = _cache_kwarg(self.body)
+        self.head, self.body = _separable_head(lm, vocab[1], prompt) if vocab is not None else (None, lm)
 
         use_compile = compile_step and device.type == "cuda"
         if cache is None:
-            cache = new_cache(lm, rows, total, static=use_compile)
+            cache = new_cache(lm, rows, total, static=True)
         else:
             _check_cache(cache, rows, total)
             cache.reset()
@@ -330,16 +334,13 @@ class _Decoder:
 
     def prefill(self) -> torch.Tensor:
         """Run the prompt through the model; logits of its last position (rows, V)."""
-        logits = _forward(
-            self.body, self.head, self.vocab, self.prompt, self.prompt_pos, self.prompt_mask, self.cache, self.cache_kw
-        )
+        logits = _forward(self.body, self.head, self.vocab, self.prompt, self.prompt_pos, self.prompt_mask, self.cache)
         return self._logits(logits)
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (rows, 1); logits of the next position (rows, V)."""
-        logits = self.forward(
-            self.body, self.head, self.vocab, {"input_ids": ids}, self.next_pos, self.full_mask, self.cache, self.cache_kw
-        )
+        step_inputs = {"input_ids": ids}
+        logits = self.forward(self.body, self.head, self.vocab, step_inputs, self.next_pos, self.full_mask, self.cache)
         self.next_pos.add_(1)
         return self._logits(logits)
 
@@ -360,12 +361,11 @@ def _forward(
     pos: torch.Tensor,
     mask: torch.Tensor | None,
     cache: Cache,
-    cache_kw: str,
 ) -> torch.Tensor:
     """Logits (rows, V) of the last position: the causal LM's own when ``head`` is None (``body`` is the LM),
     else rows ``vocab`` = [lo, hi) of the output layer ``head`` on the last hidden state of ``body``, the
     LM's base model."""
-    kwargs = dict(inputs, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
+    kwargs = dict(inputs, attention_mask=mask, position_ids=pos, use_cache=True, **{_CACHE_KW: cache})
     if head is None:
         return body(**kwargs, logits_to_keep=1).logits[:, -1]
     lo, hi = vocab
@@ -387,32 +387,26 @@ def _compiled_forward():
 
 
 @torch.no_grad()
-def _head_is_separable(lm: PreTrainedModel, hi: int, prompt: dict[str, torch.Tensor]) -> bool:
-    """Whether the LM's logits are exactly its linear output layer applied to its base model's last hidden
-    state, so that any range of output rows can be computed alone.
+def _separable_head(lm: nn.Module, hi: int, prompt: dict[str, torch.Tensor]) -> tuple[nn.Linear | None, nn.Module]:
+    """(output layer, base model) when the LM's logits are exactly that linear layer applied to the base
+    model's last hidden state, so any range of output rows can be computed alone; else (None, lm).
 
     The check runs the first prompt position both ways. Models that rescale or soft-cap their logits, or
-    wrappers whose base model is not a bare decoder, fail it and keep the full-logit path.
+    whose output layer is wrapped (e.g. PEFT trainable token rows), fail it and keep the full-logit path.
+    A PEFT model is looked through to the transformers model it adapts in place.
     """
-    head, body = lm.get_output_embeddings(), lm.base_model
-    if not isinstance(head, nn.Linear) or body is lm:
-        return False
+    inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # PEFT wrappers
+    head, body = inner.get_output_embeddings(), inner.base_model
+    if not isinstance(head, nn.Linear) or body is inner:
+        return None, lm
     if head.out_features < hi:
         raise ValueError(f"image codes end at id {hi} but the LM head has only {head.out_features} outputs")
     probe = {k: v[:1, :1] for k, v in prompt.items()}
     full = lm(**probe, use_cache=False).logits
     hidden = getattr(body(**probe, use_cache=False), "last_hidden_state", None)
-    return hidden is not None and torch.equal(head(hidden), full)
-
-
-@functools.cache
-def _cache_kwarg_for(cls: type) -> str:
-    # transformers 5 names the forward argument `cache`; earlier releases call it `past_key_values`.
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def _cache_kwarg(module: nn.Module) -> str:
-    return _cache_kwarg_for(type(module))
+    if hidden is None or not torch.equal(head(hidden), full):
+        return None, lm
+    return head, body
 
 
 def _check_cache(cache: Cache, rows: int, total: int) -> None:

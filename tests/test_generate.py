@@ -80,7 +80,8 @@ def test_code_only_head_is_used_exactly_when_it_gives_the_models_logits(arch, he
     calls = []
     hook = lm.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
     try:
-        codes = generate_image_codes(lm, PROMPTS, SPEC, SamplingConfig(temperature=0, cfg_scale=3.0), uncond_ids=UNCOND, pad_id=PAD)
+        sampling = SamplingConfig(temperature=0, cfg_scale=3.0)
+        codes = generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD)
     finally:
         hook.remove()
     # The one-token check runs the full output layer twice (model forward, layer on the hidden state). After
@@ -88,6 +89,33 @@ def test_code_only_head_is_used_exactly_when_it_gives_the_models_logits(arch, he
     # every step use the model's own logits.
     assert len(calls) == head_calls
     assert codes.tolist() == [reference_codes(lm, p, UNCOND[0], 3.0) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("token_rows", [False, True])
+def test_peft_lora_model_decodes_like_its_full_forward(token_rows):
+    peft = pytest.importorskip("peft")
+    lm = tiny_lm("llama")
+    rows = list(range(SPEC.boi_id, HI))
+    # Random LoRA weights so the adapter changes the logits; with trainable token rows the output layer is
+    # wrapped and decoding falls back to the full logits.
+    extra = dict(trainable_token_indices={"embed_tokens": rows, "lm_head": rows}) if token_rows else {}
+    config = peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM", **extra
+    )
+    torch.manual_seed(1)
+    wrapped = peft.get_peft_model(lm, config).eval()
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))
+    sampling = SamplingConfig(temperature=0, cfg_scale=3.0)
+    codes = generate_image_codes(wrapped, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD)
+    want = [reference_codes(wrapped, p, UNCOND[0], 3.0) for p in PROMPTS]
+    with wrapped.disable_adapter():
+        assert [reference_codes(wrapped, p, UNCOND[0], 3.0) for p in PROMPTS] != want
+    assert codes.tolist() == want
+    text = generate_text(wrapped, input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=6, sampling=GREEDY, eos_id=None)
+    assert text[0] == reference_text(wrapped, PROMPTS[0], 6)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -101,18 +129,16 @@ def test_left_padded_batch_equals_each_prompt_alone(attn):
         assert batch[i].tolist() == alone[0].tolist()
 
 
-def test_static_cache_matches_dynamic_and_is_reusable(lm):
+def test_dynamic_cache_matches_static_and_caches_are_reusable(lm):
     sampling = SamplingConfig(temperature=0, cfg_scale=2.0)
-    dynamic = generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD)
+    default = generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD)  # static, exact size
     rows, prompt_len = 2 * len(PROMPTS), max(map(len, PROMPTS)) + 1
-    cache = new_cache(lm, rows, prompt_len + SPEC.num_tokens + 5, static=True)  # room to spare is fine
-    for _ in range(2):  # the second call must reset the cache it is given
-        static = generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD, cache=cache)
-        assert static.tolist() == dynamic.tolist()
-    dyn = new_cache(lm, rows, 0)
-    generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD, cache=dyn)
-    assert dyn.get_seq_length() == prompt_len + SPEC.num_tokens - 1  # the last code is never fed back
-    for small, words in [(new_cache(lm, rows, 4, static=True), "holds"), (new_cache(lm, rows + 1, 64, static=True), "rows")]:
+    for cache in (new_cache(lm, rows, prompt_len + SPEC.num_tokens + 5), new_cache(lm, rows, 0, static=False)):
+        for _ in range(2):  # the second call must reset the cache it is given
+            codes = generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD, cache=cache)
+            assert codes.tolist() == default.tolist()
+    assert cache.get_seq_length() == prompt_len + SPEC.num_tokens - 1  # the last code is never fed back
+    for small, words in [(new_cache(lm, rows, 4), "holds"), (new_cache(lm, rows + 1, 64), "rows")]:
         with pytest.raises(ValueError, match=words):
             generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD, cache=small)
 
@@ -122,7 +148,8 @@ def test_cfg_scale_one_equals_no_guidance(lm):
     without = generate_image_codes(lm, PROMPTS, SPEC, plain, pad_id=PAD)
     with_uncond = generate_image_codes(lm, PROMPTS, SPEC, plain, uncond_ids=UNCOND, pad_id=PAD)
     assert torch.equal(without, with_uncond)
-    guided = generate_image_codes(lm, PROMPTS, SPEC, SamplingConfig(cfg_scale=3.0, seed=7), uncond_ids=UNCOND, pad_id=PAD)
+    guided_sampling = SamplingConfig(cfg_scale=3.0, seed=7)
+    guided = generate_image_codes(lm, PROMPTS, SPEC, guided_sampling, uncond_ids=UNCOND, pad_id=PAD)
     assert not torch.equal(without, guided)
 
 
@@ -143,14 +170,18 @@ def test_seed_determinism(lm):
         s = SamplingConfig(temperature=1.0, cfg_scale=2.0, seed=seed)
         return generate_image_codes(lm, PROMPTS, SPEC, s, uncond_ids=UNCOND, pad_id=PAD, generator=generator)
 
-    assert torch.equal(run(3), run(3))
-    assert not torch.equal(run(3), run(4))
-    assert torch.equal(run(None, torch.Generator().manual_seed(3)), run(3))
+    first = run(3)
+    assert torch.equal(run(3), first)
+    assert not torch.equal(run(4), first)
+    assert torch.equal(run(None, torch.Generator().manual_seed(3)), first)  # a passed generator wins
 
 
-@pytest.mark.parametrize("sampling", [SamplingConfig(top_k=1, cfg_scale=2.0, seed=1), SamplingConfig(top_p=1e-6, cfg_scale=2.0, seed=1)])
+@pytest.mark.parametrize(
+    "sampling", [SamplingConfig(top_k=1, cfg_scale=2.0, seed=1), SamplingConfig(top_p=1e-6, cfg_scale=2.0, seed=1)]
+)
 def test_top_k_one_and_tiny_top_p_equal_greedy(lm, sampling):
-    greedy = generate_image_codes(lm, PROMPTS, SPEC, SamplingConfig(temperature=0, cfg_scale=2.0), uncond_ids=UNCOND, pad_id=PAD)
+    greedy_sampling = SamplingConfig(temperature=0, cfg_scale=2.0)
+    greedy = generate_image_codes(lm, PROMPTS, SPEC, greedy_sampling, uncond_ids=UNCOND, pad_id=PAD)
     assert torch.equal(generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD), greedy)
 
 
@@ -206,12 +237,17 @@ def test_cached_text_decoding_matches_full_forward_from_ids_and_embeds(lm):
     ids = torch.tensor([[PAD] * (length - len(p)) + p for p in PROMPTS])
     mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in PROMPTS])
     from_ids = generate_text(lm, input_ids=ids, attention_mask=mask, max_new_tokens=steps, sampling=GREEDY, eos_id=None)
+    dynamic = generate_text(
+        lm, input_ids=ids, attention_mask=mask, max_new_tokens=steps, sampling=GREEDY, eos_id=None,
+        cache=new_cache(lm, len(PROMPTS), 0, static=False),
+    )
     with torch.no_grad():
         embeds = lm.get_input_embeddings()(ids)
     from_embeds = generate_text(
         lm, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=steps, sampling=GREEDY, eos_id=None
     )
     assert from_ids == want
+    assert dynamic == want
     assert from_embeds == want
 
 
@@ -226,7 +262,9 @@ def test_generate_text_stops_at_eos(lm):
     try:
         for eos in ([full[0][3]], [full[0][3], full[1][5]]):  # one row stops early / both rows stop
             calls.clear()
-            out = generate_text(lm, input_ids=ids, attention_mask=mask, max_new_tokens=steps, sampling=GREEDY, eos_id=eos)
+            out = generate_text(
+                lm, input_ids=ids, attention_mask=mask, max_new_tokens=steps, sampling=GREEDY, eos_id=eos
+            )
             ends = [next((i for i, tok in enumerate(row) if tok in eos), steps) for row in full]
             assert out == [row[:end] for row, end in zip(full, ends)]
             # one prefill, then one step per token fed back: none once every row has sampled an eos

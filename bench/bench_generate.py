@@ -1,0 +1,215 @@
+"""Image-token decoding speed: mllm.generate against Hugging Face `lm.generate` on the same random LLaMA.
+
+Two workloads, each decoding one image of 256 code tokens per row:
+  cfg      one prompt with classifier-free guidance (2 rows: conditional + unconditional); HF decodes the
+           same 2 rows without guidance.
+  batch32  32 prompts of mixed lengths (left-padded), no guidance.
+Both implementations decode exactly 256 new tokens per row (HF: min_new_tokens = max_new_tokens = 256) in
+greedy and sampling mode, after a warm-up; the table reports the median time of several interleaved repeats,
+the speed-up of ours over HF, and the peak memory above the model weights.
+
+  python bench/bench_generate.py --preset cpu-small
+  python bench/bench_generate.py --preset gpu-1.4b --device cuda --compile
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from mllm.generate import ImageTokenSpec, SamplingConfig, generate_image_codes, new_cache
+
+NUM_TOKENS = 256  # a 16 x 16 token image
+
+
+@dataclass
+class Preset:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    text_vocab: int  # <boi>, <eoi> and the pad id are reserved at its end
+    codebook: int  # image codes appended after the text vocabulary
+    dtype: str
+
+
+PRESETS = {
+    # runs on 2 CPU cores in well under a minute per workload
+    "cpu-small": Preset(
+        hidden=256, layers=4, heads=4, intermediate=688, text_vocab=4096, codebook=1024, dtype="float32"
+    ),
+    # LLaMA-1.4B-shaped, vocabulary 32000 text + 16384 image codes
+    "gpu-1.4b": Preset(
+        hidden=2048, layers=24, heads=16, intermediate=5632, text_vocab=32000, codebook=16384, dtype="bfloat16"
+    ),
+}
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator peak on a GPU, sampled resident set size on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.base = self.peak = _rss()
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.peak, _rss())
+        self.extra_mib = (self.peak - self.base) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def build_model(preset: Preset, device: torch.device, dtype: torch.dtype):
+    config = LlamaConfig(
+        hidden_size=preset.hidden, num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
+        num_key_value_heads=preset.heads, intermediate_size=preset.intermediate,
+        vocab_size=preset.text_vocab + preset.codebook, max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    spec = ImageTokenSpec(
+        boi_id=preset.text_vocab - 3, eoi_id=preset.text_vocab - 2, code_offset=preset.text_vocab,
+        codebook_size=preset.codebook, num_tokens=NUM_TOKENS,
+    )
+    return lm.eval(), spec, preset.text_vocab - 1
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (length - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def timed(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median seconds and peak extra memory (MiB) per function. Repeats interleave the functions so that a
+    change in machine load hits all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    peaks = {name: 0.0 for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            with PeakMemory(device) as mem:
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], mem.extra_mib)
+    return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the preset's")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--modes", default="greedy,sample", help="comma list of greedy, sample")
+    parser.add_argument("--workloads", default="cfg,batch32", help="comma list of cfg, batch32")
+    parser.add_argument("--compile", action="store_true", help="CUDA only: compiled one-token step (CUDA graphs)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads; default: torch's choice")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    preset = PRESETS[args.preset]
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or preset.dtype)
+    lm, spec, pad_id = build_model(preset, device, dtype)
+    use_compile = args.compile and device.type == "cuda"
+    lm.generation_config.eos_token_id = spec.eoi_id  # HF's min_new_tokens works by masking the eos id
+    lm.generation_config.pad_token_id = pad_id
+    print(
+        f"preset={args.preset} device={device} dtype={dtype} threads={torch.get_num_threads()} "
+        f"params={sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M new_tokens={NUM_TOKENS} compile={use_compile}"
+    )
+
+    g = torch.Generator().manual_seed(0)
+
+    def text(n: int) -> list[int]:  # random text-token prompt
+        return torch.randint(0, spec.boi_id, (n,), generator=g).tolist()
+
+    workloads = {
+        "cfg": ([text(24)], [[1]]),  # (prompts, uncond prompts)
+        "batch32": ([text(int(n)) for n in torch.randint(8, 33, (32,), generator=g)], None),
+    }
+    rows = []
+    for name in args.workloads.split(","):
+        prompts, uncond = workloads[name]
+        hf_rows = prompts + uncond if uncond is not None else prompts
+        # HF gets the same rows ours runs, each starting its image with <boi>.
+        ids, mask = left_pad([r + [spec.boi_id] for r in hf_rows], pad_id, device)
+        cache = new_cache(lm, ids.shape[0], ids.shape[1] + NUM_TOKENS, static=True) if use_compile else None
+        for mode in args.modes.split(","):
+            greedy = mode == "greedy"
+            sampling = SamplingConfig(temperature=0.0 if greedy else 1.0, cfg_scale=4.0 if uncond else 1.0, seed=0)
+            hf_kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
+
+            def ours():
+                generate_image_codes(
+                    lm, prompts, spec, sampling, uncond_ids=uncond, pad_id=pad_id, cache=cache, compile_step=use_compile
+                )
+
+            def hf():
+                with torch.inference_mode():
+                    out = lm.generate(
+                        input_ids=ids, attention_mask=mask, max_new_tokens=NUM_TOKENS, min_new_tokens=NUM_TOKENS,
+                        **hf_kwargs,
+                    )
+                assert out.shape[1] == ids.shape[1] + NUM_TOKENS
+
+            result = timed({"hf": hf, "ours": ours}, device, args.warmup, args.repeats)
+            (t_hf, m_hf), (t_ours, m_ours) = result["hf"], result["ours"]
+            rows.append((name, ids.shape[0], mode, t_hf, t_ours, m_hf, m_ours))
+            print(f"  {name} {mode}: HF {t_hf:.3f}s  ours {t_ours:.3f}s", flush=True)
+
+    mem = "CUDA peak" if device.type == "cuda" else "peak RSS"
+    print()
+    print(f"| workload | rows | mode | HF generate (s) | ours (s) | speed-up | HF {mem} (MiB) | ours {mem} (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, n_rows, mode, t_hf, t_ours, m_hf, m_ours in rows:
+        print(
+            f"| {name} | {n_rows} | {mode} | {t_hf:.3f} | {t_ours:.3f} | {t_hf / t_ours:.2f}x "
+            f"| {m_hf:.0f} | {m_ours:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
