@@ -98,6 +98,8 @@ def train(cfg, resume: str | None) -> None:
                           optim.weight_decay, "decoder")
     if cfg.stage == 2:
         groups += param_groups(model.encoder.named_parameters(), cfg.encoder_lr, optim.weight_decay, "encoder")
+    if cfg.stage == 1 and not resume_dir:
+        calibrate_quantizer(model, cfg.data, run.micro_batch_size, rank, world, device)
     optimizer = make_optimizer(groups, optim)
     scheduler = make_scheduler(optimizer, optim, run.steps)
     ds_cfg = deepspeed_config(run, optim, world)
@@ -114,7 +116,9 @@ def train(cfg, resume: str | None) -> None:
         d_opt = make_optimizer(param_groups(disc.named_parameters(), loss_cfg.disc_lr, 0.0, "disc"), optim)
         disc_engine, _, _, _ = deepspeed.initialize(model=disc, optimizer=d_opt, config=dict(ds_cfg))
     try:
-        perceptual = PerceptualLoss(loss_cfg.lpips_net, loss_cfg.lpips_backbone).to(device) if loss_cfg.perceptual_weight > 0 else None
+        perceptual = None
+        if loss_cfg.perceptual_weight > 0:
+            perceptual = PerceptualLoss(loss_cfg.lpips_net, loss_cfg.lpips_backbone).to(device)
     except ValueError as e:  # unknown net, missing trunk file, no cached ImageNet weights offline
         raise ConfigError(f"loss: {_first_line(e)}") from None
     # ZeRO-3 partitions parameters: EMA and the adaptive GAN weight need whole tensors, so both are off there.
@@ -283,6 +287,29 @@ def train(cfg, resume: str | None) -> None:
         logger.info(f"data: {bad if bad else 'no unreadable or converted images'}; non-finite steps skipped: {guard.total}")
         logger.info(f"done: {step} steps; model exported to {export_dir}")
     logger.close()
+
+
+def calibrate_quantizer(model, data_cfg, batch_size: int, rank: int, world: int, device, num_batches: int = 8) -> None:
+    """Standardise the quantizer's input with feature statistics of a sample of the training data (all ranks
+    pooled), before the first step of stage 1; later stages and resumed runs load them with the weights."""
+    import itertools
+
+    from vqrae.data import build_dataloader
+    from vqrae.trainer import feature_moments, moments_to_stats
+    from vqrae.training import all_reduce_sum
+
+    try:
+        loader, _ = build_dataloader(data_cfg, batch_size, rank, world)
+    except ValueError as e:
+        raise TrainingError(f"data.source '{data_cfg.source}': {_first_line(e)}") from None
+    model.encoder.to(device)
+    batches = (b.pixels.to(device) for b in itertools.islice(loader, num_batches) if b.pixels.shape[0])
+    total, sq, count = feature_moments(model.encoder, batches)
+    if total is None:
+        raise TrainingError(f"data.source '{data_cfg.source}': no readable image in the first {num_batches} batches")
+    moments = all_reduce_sum(torch.cat([total, sq, count.view(1)]).to(device))
+    d = total.numel()
+    model.quantizer.calibrate(*moments_to_stats(moments[:d], moments[d : 2 * d], moments[2 * d]))
 
 
 def _first_line(err: BaseException) -> str:

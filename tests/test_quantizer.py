@@ -90,3 +90,15 @@ def test_base_codebook_statistics_and_state_dict():
 def test_build_rejects_unknown_kind():
     with pytest.raises(ValueError, match="quantizer.kind"):
         build_quantizer(QuantizerConfig(kind="rq"), 8)
+
+
+def test_calibrated_statistics_standardise_the_input_before_projection():
+    torch.manual_seed(0)
+    q = SimVQ(16, 64, 8)
+    x = torch.randn(2, 30, 16) * 3 + 10  # a large shared offset, as VFM features have
+    mean, std = x.mean((0, 1)), x.std((0, 1))
+    q.calibrate(mean, std)
+    out = q(x)
+    expected = brute_force(q.proj_in((x - mean) / std).reshape(-1, 8), q.codebook).view(2, 30)
+    assert torch.equal(out.indices, expected)
+    assert torch.equal(q.state_dict()["feature_mean"], mean)  # saved with the model

@@ -80,10 +80,24 @@ class SimVQ(nn.Module):
         self.search_chunk, self.token_chunk = search_chunk, token_chunk
         self.proj_in = nn.Linear(dim, codebook_dim) if dim != codebook_dim else nn.Identity()
         self.proj_out = nn.Linear(codebook_dim, dim) if dim != codebook_dim else nn.Identity()
+        self._init_feature_stats(dim)
         # C' ~ N(0, 1/e), frozen: a persistent buffer, saved with the model so codes keep their meaning.
         self.register_buffer("base_codebook", torch.randn(codebook_size, codebook_dim) * codebook_dim**-0.5)
         self.codebook_transform = nn.Linear(codebook_dim, codebook_dim, bias=False)  # W
         nn.init.eye_(self.codebook_transform.weight)  # C = C' at start; W then learns the shared rotation/scale
+
+    def _init_feature_stats(self, dim: int) -> None:
+        # Per-channel statistics of the encoder's features, set once by ``calibrate`` before training. VFM
+        # features share a large mean direction (|mean| ~ 10x the per-channel spread): unstandardised, every
+        # token lands on the few codes aligned with it and the codebook collapses. Saved with the model.
+        self.register_buffer("feature_mean", torch.zeros(dim))
+        self.register_buffer("feature_std", torch.ones(dim))
+
+    @torch.no_grad()
+    def calibrate(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Set the feature statistics (per channel, over a sample of the training data)."""
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std.clamp_min(1e-6))
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -92,7 +106,7 @@ class SimVQ(nn.Module):
 
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         """x (B, N, D) continuous features -> straight-through quantized features and losses."""
-        z = self.proj_in(x)  # (B, N, e)
+        z = self.proj_in((x - self.feature_mean) / self.feature_std)  # (B, N, e)
         codebook = self.codebook  # (K, e)
         indices = nearest_code(z.reshape(-1, z.shape[-1]).detach(), codebook.detach(), self.search_chunk, self.token_chunk)
         q = F.embedding(indices, codebook).view_as(z)  # gathers through W, so the codebook term trains W
@@ -124,6 +138,7 @@ class VectorQuantizer(SimVQ):
         self.search_chunk, self.token_chunk = search_chunk, token_chunk
         self.proj_in = nn.Linear(dim, codebook_dim) if dim != codebook_dim else nn.Identity()
         self.proj_out = nn.Linear(codebook_dim, dim) if dim != codebook_dim else nn.Identity()
+        self._init_feature_stats(dim)
         self.embedding = nn.Parameter(torch.randn(codebook_size, codebook_dim) * codebook_dim**-0.5)
 
     @property

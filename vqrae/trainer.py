@@ -64,6 +64,23 @@ def make_teacher(encoder: nn.Module) -> nn.Module:
     return teacher
 
 
+@torch.no_grad()
+def feature_moments(encoder: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel sum, sum of squares and token count of the encoder's features over ``batches`` (image
+    tensors), to be summed across ranks and turned into the quantizer's calibration statistics."""
+    total = sq = count = None
+    for images in batches:
+        f = encoder(images).float().flatten(0, 1)  # (B*N, D)
+        s, s2, n = f.sum(0), f.pow(2).sum(0), torch.tensor(float(f.shape[0]))
+        total, sq, count = (s, s2, n) if total is None else (total + s, sq + s2, count + n)
+    return total, sq, count
+
+
+def moments_to_stats(total: torch.Tensor, sq: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = total / count
+    return mean, (sq / count - mean.pow(2)).clamp_min(0).sqrt()
+
+
 def build_discriminator(cfg: LossConfig) -> PatchDiscriminator:
     return PatchDiscriminator(in_channels=3, channels=cfg.disc_channels, layers=cfg.disc_layers)
 

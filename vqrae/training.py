@@ -12,6 +12,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional
@@ -69,7 +70,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
         os.environ.setdefault(k, v)
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if "MASTER_PORT" not in os.environ:  # a lone process without the launcher: any free port will do
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -351,7 +355,9 @@ class Checkpointer:
             done = self.complete()
             return done[-1] if done else None
         if not is_complete(resume):
-            raise TrainingError(f"--resume {resume}: not a complete checkpoint (no {MANIFEST}, or files it lists are missing)")
+            raise TrainingError(
+                f"--resume {resume}: not a complete checkpoint (no {MANIFEST}, or files it lists are missing)"
+            )
         return resume
 
 
