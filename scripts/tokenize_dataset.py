@@ -18,8 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vqrae.config import ConfigError  # noqa: E402
-from vqrae.training import TrainingError  # noqa: E402
+from vqrae.training import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -55,8 +54,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, TrainingError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -20,13 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from vqrae.config import ConfigError, load_config, save_yaml  # noqa: E402
-from vqrae.training import TrainingError, check_run_config  # noqa: E402
+from vqrae.training import OneLineParser, TrainingError, check_run_config, first_line, publish, run_cli  # noqa: E402
 
 DEFAULT_CONFIG = "configs/mllm/demo.yaml"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint, if any) or a checkpoint dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
@@ -46,7 +46,6 @@ def main(argv=None) -> None:
 
 
 def train(cfg, resume: str | None) -> None:
-    import shutil
     from collections import Counter
 
     import deepspeed
@@ -57,7 +56,8 @@ def train(cfg, resume: str | None) -> None:
         unregister_vqrae,
     )
     from vqrae.training import (
-        Checkpointer, NonFiniteGuard, RunLogger, all_reduce_sum, barrier, deepspeed_config, init_distributed,
+        Checkpointer, NonFiniteGuard, RunLogger, all_reduce_sum, barrier, deepspeed_config, grad_norm_before_step,
+        init_distributed,
         make_optimizer, make_scheduler, param_groups, rng_state, seed_everything, set_rng_state,
     )
 
@@ -76,7 +76,7 @@ def train(cfg, resume: str | None) -> None:
         model, vqrae_dir = build_model(cfg)
     except (OSError, ValueError) as e:  # built from the config or init_from alone: the user's to fix
         source = f"init_from '{cfg.init_from}'" if cfg.init_from else f"model.llm '{cfg.model.llm}' / model.vqrae"
-        raise ConfigError(f"cannot build the model from {source}: {type(e).__name__}: {_first_line(e)}") from None
+        raise ConfigError(f"cannot build the model from {source}: {type(e).__name__}: {first_line(e)}") from None
     vqrae = unregister_vqrae(model)
     if data.task_ratio == 1.0:
         model.projector.requires_grad_(False)  # never used by generation: keep it out of the optimizer
@@ -129,7 +129,7 @@ def train(cfg, resume: str | None) -> None:
         try:
             return write_checkpoint(step)
         except OSError as e:  # full disk, lost mount: the earlier checkpoints are untouched, resume from them
-            raise TrainingError(f"writing the step {step} checkpoint failed ({_first_line(e)}); last complete "
+            raise TrainingError(f"writing the step {step} checkpoint failed ({first_line(e)}); last complete "
                                 f"checkpoint: {last_ckpt or 'none'}") from None
 
     def write_checkpoint(step: int) -> str:
@@ -149,6 +149,7 @@ def train(cfg, resume: str | None) -> None:
     # -- loop: one micro-batch of one task per iteration -----------------------------------------------------
     engine.train()
     empty = torch.zeros(1, device=device)
+    empty_run = 0
     while step < run.steps:
         task = schedule.task(micro)
         batch = loaders[task].next()
@@ -156,7 +157,12 @@ def train(cfg, resume: str | None) -> None:
         # a micro-batch whose rows were all dropped: every rank skips it together, or collectives desync
         empty.fill_(float(len(batch) == 0))
         if all_reduce_sum(empty).item() > 0:
+            empty_run += 1
+            if empty_run >= 1000:
+                raise TrainingError(f"{empty_run} micro-batches in a row without a usable row (last task: {task}); "
+                                    f"data so far: {dict(data_stats)}")
             continue
+        empty_run = 0
         tokens = int(batch.attention_mask.sum())
         batch = prepare_batch(model, batch, device)
         out = engine(**batch.model_inputs())
@@ -165,6 +171,7 @@ def train(cfg, resume: str | None) -> None:
             continue
         boundary = engine.is_gradient_accumulation_boundary()
         engine.backward(out.loss)
+        measured_norm = grad_norm_before_step(engine)
         engine.step()
         micro += 1
         metrics.add(task, out, tokens)
@@ -177,7 +184,7 @@ def train(cfg, resume: str | None) -> None:
             values = metrics.summary(data_stats)
             values.update({f"lr/{g['name']}": g["lr"] for g in engine.optimizer.param_groups
                            if not g.get("name", "").endswith("no_decay")})
-            norm = engine.get_global_grad_norm()
+            norm = measured_norm if measured_norm is not None else engine.get_global_grad_norm()
             values.update({"grad_norm": float(norm) if norm is not None else float("nan"),
                            "nonfinite_steps": guard.total})
             logger.scalars(step, values)
@@ -187,11 +194,7 @@ def train(cfg, resume: str | None) -> None:
     # -- export ----------------------------------------------------------------------------------------------
     if rank == 0 and last_ckpt:
         export_dir = os.path.join(run.output_dir, "model")
-        tmp = export_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(os.path.join(last_ckpt, "model"), tmp)
-        shutil.rmtree(export_dir, ignore_errors=True)
-        os.replace(tmp, export_dir)
+        publish(last_ckpt, export_dir)
         dropped = {k: v for k, v in data_stats.items() if k != "ok" and v}
         logger.info(f"data on rank 0: {dropped or 'no dropped or converted rows'}; non-finite steps skipped: "
                     f"{guard.total}")
@@ -199,13 +202,6 @@ def train(cfg, resume: str | None) -> None:
     logger.close()
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0]
-
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, TrainingError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -2,8 +2,8 @@
 
 A real VQRAE starts from a pretrained foundation model (SigLIP2, DINOv2). None can be downloaded here, so
 the demo first trains a stand-in: a timm ViT that predicts every attribute of the picture (colour, shape,
-size, position, background) from its pooled tokens, and the colour and shape under each patch from that
-patch's token, so both global and patch features carry meaning. Like a foundation model that has seen the
+size, position, background) from its pooled tokens, and the colour, shape and pixels under each patch from
+that patch's token, so both global and patch features carry meaning. Like a foundation model that has seen the
 world, it learns from freshly drawn pictures of *every* attribute combination; the tokenizer and the MLLM
 later train only on the data set's training split, whose held-out colour-shape pairs they never see. It is
 saved as a timm ``model.safetensors``, the format a real encoder is loaded from (``encoder.weights``), so
@@ -80,7 +80,12 @@ def main() -> None:
     d = vit.num_features
     heads = nn.ModuleDict({k: nn.Linear(2 * d, len(v)) for k, v in HEADS.items()})
     patch_heads = nn.ModuleList([nn.Linear(d, len(PALETTE)), nn.Linear(d, len(shapes.SHAPES) + 1)])
-    params = list(vit.parameters()) + list(heads.parameters()) + list(patch_heads.parameters())
+    # each token also predicts its own pixels, so patch features keep the detail a decoder needs
+    p = ARCH["patch_size"]
+    pixel_head = nn.Linear(d, p * p * 3)
+    params = [*vit.parameters(), *heads.parameters(), *patch_heads.parameters(), *pixel_head.parameters()]
+    g = ARCH["img_size"] // p
+    pixels = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(x.shape[0], g * g, 3 * p * p)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     t0 = time.time()
@@ -92,6 +97,7 @@ def main() -> None:
         loss = sum(F.cross_entropy(heads[k](pooled), labels[k][idx]) for k in HEADS)
         for j, head in enumerate(patch_heads):
             loss = loss + F.cross_entropy(head(tokens).flatten(0, 1), patch_targets[idx][..., j].flatten())
+        loss = loss + 10 * F.mse_loss(pixel_head(tokens), pixels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -19,18 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from vqrae.config import ConfigError, load_config, save_yaml  # noqa: E402
-from vqrae.training import TrainingError, check_run_config  # noqa: E402
+from vqrae.training import OneLineParser, TrainingError, check_run_config, first_line, publish, run_cli  # noqa: E402
 
 DEFAULT_CONFIG = "configs/tokenizer/demo_stage1.yaml"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print the whole usage block first
-        raise ConfigError(message)
-
-
 def parse_args(argv=None):
-    p = _Parser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint, if any) or a checkpoint dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
@@ -74,8 +69,9 @@ def train(cfg, resume: str | None) -> None:
         build_discriminator, discriminator_loss, generator_loss, make_teacher, match_size, set_stage,
     )
     from vqrae.training import (
-        EMA, Checkpointer, NonFiniteGuard, RunLogger, all_reduce_sum, deepspeed_config, init_distributed,
-        make_optimizer, make_scheduler, param_groups, read_manifest, rng_state, seed_everything, set_rng_state,
+        EMA, Checkpointer, NonFiniteGuard, RunLogger, all_reduce_sum, deepspeed_config, grad_norm_before_step,
+        init_distributed,
+        make_optimizer, make_scheduler, param_groups, rng_state, seed_everything, set_rng_state,
     )
 
     run, optim = cfg.run, cfg.optim
@@ -90,7 +86,7 @@ def train(cfg, resume: str | None) -> None:
         model = VQRAE.from_pretrained(cfg.init_from) if cfg.stage == 2 else VQRAE(cfg.model)
     except Exception as e:  # built from the config or init_from alone: whatever fails there is the user's to fix
         source = f"init_from '{cfg.init_from}'" if cfg.stage == 2 else "the model config"
-        raise ConfigError(f"cannot build the VQRAE from {source}: {type(e).__name__}: {_first_line(e)}") from None
+        raise ConfigError(f"cannot build the VQRAE from {source}: {type(e).__name__}: {first_line(e)}") from None
     cfg.model = model.cfg
     set_stage(model, cfg.stage)
     teacher = make_teacher(model.encoder) if cfg.stage == 2 else None
@@ -120,14 +116,14 @@ def train(cfg, resume: str | None) -> None:
         if loss_cfg.perceptual_weight > 0:
             perceptual = PerceptualLoss(loss_cfg.lpips_net, loss_cfg.lpips_backbone).to(device)
     except ValueError as e:  # unknown net, missing trunk file, no cached ImageNet weights offline
-        raise ConfigError(f"loss: {_first_line(e)}") from None
+        raise ConfigError(f"loss: {first_line(e)}") from None
     # ZeRO-3 partitions parameters: EMA and the adaptive GAN weight need whole tensors, so both are off there.
     ema = EMA(engine.module, run.ema_decay) if run.ema_decay > 0 and not zero3 else None
 
     try:
         loader, sampler = build_dataloader(cfg.data, run.micro_batch_size, rank, world)
     except ValueError as e:  # no shards match, no image column, fewer rows than one batch per rank
-        raise TrainingError(f"data.source '{cfg.data.source}': {_first_line(e)}") from None
+        raise TrainingError(f"data.source '{cfg.data.source}': {first_line(e)}") from None
     usage = CodebookUsage(model.codebook_size, cfg.codebook_window)
     guard = NonFiniteGuard(run.max_nonfinite)
     data_stats: dict = {}
@@ -165,7 +161,7 @@ def train(cfg, resume: str | None) -> None:
         try:
             return write_checkpoint(step)
         except OSError as e:  # full disk, lost mount: the earlier checkpoints are untouched, resume from them
-            raise TrainingError(f"writing the step {step} checkpoint failed ({_first_line(e)}); last complete "
+            raise TrainingError(f"writing the step {step} checkpoint failed ({first_line(e)}); last complete "
                                 f"checkpoint: {last_ckpt or 'none'}") from None
 
     def write_checkpoint(step: int) -> str:
@@ -228,6 +224,7 @@ def train(cfg, resume: str | None) -> None:
             continue
         boundary = engine.is_gradient_accumulation_boundary()
         engine.backward(gl.total)
+        measured_norm = grad_norm_before_step(engine)
         engine.step()
         d_loss = None
         if disc_engine is not None and gan_active(step, loss_cfg.gan_start_step):
@@ -255,7 +252,7 @@ def train(cfg, resume: str | None) -> None:
             n = sums.pop("_n")
             vals = {f"loss/{k}": v / n for k, v in sums.items()}
             lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(engine.optimizer.param_groups) if "no_decay" not in str(g.get("name", ""))}
-            gn = engine.get_global_grad_norm()
+            gn = measured_norm if measured_norm is not None else engine.get_global_grad_norm()
             vals.update(lrs)
             vals.update({"grad_norm": float(gn) if gn is not None else float("nan"), "gan_weight": gl.gan_weight,
                          "img_per_s": window_imgs / max(time.time() - window_t0, 1e-9),
@@ -275,14 +272,8 @@ def train(cfg, resume: str | None) -> None:
 
     # -- export --------------------------------------------------------------------------------------------
     if rank == 0 and last_ckpt:
-        import shutil
-
         export_dir = os.path.join(run.output_dir, "model")
-        tmp = export_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(os.path.join(last_ckpt, "model"), tmp)
-        shutil.rmtree(export_dir, ignore_errors=True)
-        os.replace(tmp, export_dir)
+        publish(last_ckpt, export_dir)
         bad = {k: v for k, v in data_stats.items() if k != "ok" and v}
         logger.info(f"data: {bad if bad else 'no unreadable or converted images'}; non-finite steps skipped: {guard.total}")
         logger.info(f"done: {step} steps; model exported to {export_dir}")
@@ -301,7 +292,7 @@ def calibrate_quantizer(model, data_cfg, batch_size: int, rank: int, world: int,
     try:
         loader, _ = build_dataloader(data_cfg, batch_size, rank, world)
     except ValueError as e:
-        raise TrainingError(f"data.source '{data_cfg.source}': {_first_line(e)}") from None
+        raise TrainingError(f"data.source '{data_cfg.source}': {first_line(e)}") from None
     model.encoder.to(device)
     batches = (b.pixels.to(device) for b in itertools.islice(loader, num_batches) if b.pixels.shape[0])
     total, sq, count = feature_moments(model.encoder, batches)
@@ -312,13 +303,6 @@ def calibrate_quantizer(model, data_cfg, batch_size: int, rank: int, world: int,
     model.quantizer.calibrate(*moments_to_stats(moments[:d], moments[d : 2 * d], moments[2 * d]))
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0]
-
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, TrainingError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -6,12 +6,14 @@ non-finite step guard, and rank-0 logging to console, TensorBoard and a progress
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import os
 import random
 import shutil
+import sys
 import socket
 import time
 from dataclasses import dataclass, field
@@ -466,3 +468,46 @@ class RunLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+# -- command line -------------------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one ``ConfigError`` line instead of the whole usage block."""
+
+    def error(self, message: str):
+        from .config import ConfigError
+
+        raise ConfigError(message)
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def run_cli(main) -> None:
+    """Run a script's ``main``; every user-fixable failure is one ``error:`` line on stderr and exit code 2."""
+    from .config import ConfigError
+
+    try:
+        main()
+    except (ConfigError, TrainingError, FileNotFoundError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def publish(checkpoint: str, export_dir: str) -> None:
+    """Copy a checkpoint's exported model to ``export_dir``, replacing it only once the copy is complete."""
+    tmp = export_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(os.path.join(checkpoint, "model"), tmp)
+    shutil.rmtree(export_dir, ignore_errors=True)
+    os.replace(tmp, export_dir)
+
+
+def grad_norm_before_step(engine) -> Optional[float]:
+    """DeepSpeed records the global grad norm in ``get_global_grad_norm`` except for fp32 without ZeRO, where
+    it clips without keeping the value; there, measure it at the accumulation boundary before ``step``."""
+    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or not engine.is_gradient_accumulation_boundary():
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
