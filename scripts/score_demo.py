@@ -20,6 +20,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+ATTRIBUTES = ("colour", "shape", "size", "position", "background")  # what each question asks, told by its answer
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="outputs/demo/mllm/model", help="unified model directory")
@@ -82,7 +85,7 @@ def main(argv=None) -> None:
         img = Image.open(os.path.join(args.data, "test", r["file_name"])).convert("RGB")
         for qa in r["questions"]:
             got = answer_question(model, img, qa["question"], max_new_tokens=4).strip().lower()
-            kind = qa["question"].split()[1].lower()  # "What colour/shape/..." -> the asked attribute
+            kind = next((k for k in ATTRIBUTES if str(r[k]).lower() == qa["answer"].lower()), "other")
             per_kind.setdefault(kind, []).append(int(got == qa["answer"].lower()))
     answers = [x for v in per_kind.values() for x in v]
 
