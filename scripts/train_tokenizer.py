@@ -283,24 +283,33 @@ def train(cfg, resume: str | None) -> None:
 def calibrate_quantizer(model, data_cfg, batch_size: int, rank: int, world: int, device, num_batches: int = 8) -> None:
     """Standardise the quantizer's input with feature statistics of a sample of the training data (all ranks
     pooled), before the first step of stage 1; later stages and resumed runs load them with the weights."""
-    import itertools
-
     from vqrae.data import build_dataloader
-    from vqrae.trainer import feature_moments, moments_to_stats
-    from vqrae.training import all_reduce_sum
+    from vqrae.trainer import moments_to_stats
 
     try:
         loader, _ = build_dataloader(data_cfg, batch_size, rank, world)
     except ValueError as e:
         raise TrainingError(f"data.source '{data_cfg.source}': {first_line(e)}") from None
     model.encoder.to(device)
+    with torch.random.fork_rng(devices=[]):  # a DataLoader draws its seed from the global RNG; leave it untouched
+        moments = _sample_moments(model, loader, num_batches, device)
+    if moments is None:
+        raise TrainingError(f"data.source '{data_cfg.source}': no readable image in the first {num_batches} batches")
+    d = model.encoder.dim
+    model.quantizer.calibrate(*moments_to_stats(moments[:d], moments[d : 2 * d], moments[2 * d]))
+
+
+def _sample_moments(model, loader, num_batches: int, device):
+    import itertools
+
+    from vqrae.trainer import feature_moments
+    from vqrae.training import all_reduce_sum
+
     batches = (b.pixels.to(device) for b in itertools.islice(loader, num_batches) if b.pixels.shape[0])
     total, sq, count = feature_moments(model.encoder, batches)
     if total is None:
-        raise TrainingError(f"data.source '{data_cfg.source}': no readable image in the first {num_batches} batches")
-    moments = all_reduce_sum(torch.cat([total, sq, count.view(1)]).to(device))
-    d = total.numel()
-    model.quantizer.calibrate(*moments_to_stats(moments[:d], moments[d : 2 * d], moments[2 * d]))
+        return None
+    return all_reduce_sum(torch.cat([total, sq, count.view(1)]).to(device))
 
 
 

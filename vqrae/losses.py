@@ -76,7 +76,10 @@ class PerceptualLoss(nn.Module):
             raise ValueError(f"unknown LPIPS net '{net}'; expected 'vgg', 'alex' or 'squeeze'")
         if backbone not in ("pretrained", "random") and not os.path.isfile(backbone):
             raise ValueError(f"LPIPS backbone file not found: {backbone} (use 'pretrained', 'random' or a state dict path)")
-        with warnings.catch_warnings():
+        # A random trunk is drawn from a fixed seed, not the global RNG: it is not saved with checkpoints, so
+        # a resumed run must rebuild the very same loss, and building it must not shift the training RNG.
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
             # lpips still passes torchvision's deprecated ``pretrained=`` flag
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
             try:
