@@ -7,7 +7,8 @@ decoder: the target is the input feature itself,
 
     loss = MSE(proj_out(q), x) + codebook_weight * ||sg(z) - q||^2 + commit_weight * ||z - sg(q)||^2
 
-with the tokenizer's default weights (1.0, 0.25). After training, a held-out set of features is quantized and
+with the tokenizer's default weights (1.0, 0.25). Like the tokenizer's training, each quantizer is first
+calibrated with the per-channel mean and std of the training features. After training, a held-out set of features is quantized and
 the table reports the % of the K codes it uses, the perplexity of its code histogram and its reconstruction
 MSE (features are LayerNorm outputs with unit variance per token, so predicting zero scores 1.0).
 
@@ -114,6 +115,7 @@ def train_cell(kind: str, codebook_size: int, dim: int, train: torch.Tensor, arg
     torch.manual_seed(args.seed)  # same projections and the same starting codebook for both kinds
     quantizer = QUANTIZERS[kind](FEATURE_DIM, codebook_size, dim, search_chunk=4096, token_chunk=65536)
     quantizer = quantizer.to(train.device)
+    quantizer.calibrate(train.mean(0), train.std(0))  # as the tokenizer's training does before step 0
     loss_cfg = LossConfig()
     opt = torch.optim.AdamW([p for p in quantizer.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     order = torch.Generator().manual_seed(args.seed)  # same batches for every cell
@@ -167,7 +169,9 @@ def main(argv=None) -> None:
     for k in sizes:
         for e in dims:
             torch.manual_seed(args.seed)  # the starting point both kinds share (see train_cell)
-            cell = {"init": measure(SimVQ(FEATURE_DIM, k, e).to(device), heldout, k)}
+            start_point = SimVQ(FEATURE_DIM, k, e).to(device)
+            start_point.calibrate(train.mean(0), train.std(0))
+            cell = {"init": measure(start_point, heldout, k)}
             for kind in QUANTIZERS:
                 t0 = time.time()
                 cell[kind] = measure(train_cell(kind, k, e, train, args), heldout, k)
