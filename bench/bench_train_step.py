@@ -145,18 +145,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(trainer: Trainer, images: torch.Tensor, warmup: int, steps: int) -> float:
-    """Median seconds per step."""
-    for _ in range(warmup):
-        trainer.step(images)
-    times = []
+def time_interleaved(trainers: list[Trainer], images: torch.Tensor, warmup: int, steps: int) -> list[float]:
+    """Median seconds per step of each trainer. Steps are taken in rounds, one per trainer, so a change in
+    machine load (or allocator and cache warm-up) affects every variant alike."""
+    for trainer in trainers:
+        for _ in range(warmup):
+            trainer.step(images)
+    times: list[list[float]] = [[] for _ in trainers]
     for _ in range(steps):
-        _sync(images.device)
-        start = time.perf_counter()
-        trainer.step(images)
-        _sync(images.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for trainer, t in zip(trainers, times):
+            _sync(images.device)
+            start = time.perf_counter()
+            trainer.step(images)
+            _sync(images.device)
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def count_flops(trainer: Trainer, images: torch.Tensor) -> int:
@@ -171,7 +174,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=None, help="default: the preset's")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="autocast dtype; default: the preset's")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per variant; default: the preset's")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant, taken in rounds; default: the preset's")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads; 1 keeps small ops from stalling at thread barriers when the cores are shared")
@@ -224,19 +227,19 @@ def main() -> None:
         if len(chosen) > 1:
             variants.append(("ours + all of these", dict(plain=False, **{k: v for _, kw in chosen for k, v in kw.items()})))
         flops = count_flops(Trainer(model, disc, perceptual, loss_cfg, full, True, dtype), images)
-        for name, kw in variants:
-            trainer = Trainer(model, disc, perceptual, loss_cfg, full, dtype=dtype, **kw)
-            t = time_steps(trainer, images, warmup, steps)
-            del trainer
+        trainers = [Trainer(model, disc, perceptual, loss_cfg, full, dtype=dtype, **kw) for _, kw in variants]
+        medians = time_interleaved(trainers, images, warmup, steps)
+        del trainers
+        for (name, _), t in zip(variants, medians):
             tflops = flops / t / 1e12
             rows.append(dict(config="+LPIPS+GAN" if full else "recon + VQ", variant=name, step_ms=1e3 * t,
                              img_s=batch / t, tflops=tflops, mfu=tflops / args.peak_tflops if args.peak_tflops else None,
                              gflop_per_step=flops / 1e9))
             print(f"  {rows[-1]['config']} / {name}: {1e3 * t:.1f} ms/step", flush=True)
-            if args.json:  # rewritten after every row, so a run cut short still leaves what it measured
-                with open(args.json, "w") as f:
-                    json.dump({"bench": "train_step", "preset": args.preset, "device": str(device), "batch": batch,
-                               "rows": rows}, f, indent=2)
+        if args.json:  # rewritten after every loss setting, so a run cut short still leaves what it measured
+            with open(args.json, "w") as f:
+                json.dump({"bench": "train_step", "preset": args.preset, "device": str(device), "batch": batch,
+                           "rows": rows}, f, indent=2)
 
     print()
     print("| loss | variant | step (ms) | img/s | model TFLOP/s | MFU | vs plain |")

@@ -21,7 +21,7 @@ Features (``--features``), generated offline from the seed, D=256, standardised 
            keeps little of the images' variety: these tokens have only about 5 effective dimensions (the
            participation ratio of their covariance spectrum), far fewer than a pretrained encoder's.
 
-    python scripts/experiments/codebook_study.py                      # CPU default, ~10 min on 2 cores
+    python scripts/experiments/codebook_study.py                      # CPU default: ~15 min on 2 shared cores
     python scripts/experiments/codebook_study.py --steps 2000 --tokens 8192 --heldout 131072 --device cuda
 """
 from __future__ import annotations
