@@ -9,7 +9,6 @@ export) also trains the encoder with self-distillation. The final EMA model is e
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -19,18 +18,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from vqrae.config import ConfigError, load_config, save_yaml  # noqa: E402
-from vqrae.training import OneLineParser, TrainingError, check_run_config, first_line, publish, run_cli  # noqa: E402
+from vqrae.training import TrainingError, check_run_config, first_line, publish, run_cli, training_args  # noqa: E402
 
 DEFAULT_CONFIG = "configs/tokenizer/demo_stage1.yaml"
 
 
 def parse_args(argv=None):
-    p = OneLineParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
-    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint, if any) or a checkpoint dir")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. run.steps=100 optim.lr=1e-4")
-    return p.parse_args(argv)
+    return training_args(__doc__.split("\n")[0], DEFAULT_CONFIG, argv)
 
 
 def main(argv=None) -> None:

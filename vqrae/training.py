@@ -480,6 +480,16 @@ class OneLineParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def training_args(description: str, default_config: str, argv=None) -> argparse.Namespace:
+    """The trainers' shared command line: ``--config``, ``--resume``, dotted overrides, the launcher's rank."""
+    p = OneLineParser(description=description)
+    p.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint, if any) or a checkpoint dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. run.steps=100 optim.lr=1e-4")
+    return p.parse_args(argv)
+
+
 def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0]
 
