@@ -61,6 +61,7 @@ def train(cfg, resume: str | None) -> None:
     from vqrae.model import VQRAE
     from vqrae.trainer import (
         build_discriminator, discriminator_loss, generator_loss, make_teacher, match_size, set_stage,
+        tokenizer_param_groups,
     )
     from vqrae.training import (
         EMA, Checkpointer, NonFiniteGuard, RunLogger, all_reduce_sum, deepspeed_config, grad_norm_before_step,
@@ -84,10 +85,7 @@ def train(cfg, resume: str | None) -> None:
     cfg.model = model.cfg
     set_stage(model, cfg.stage)
     teacher = make_teacher(model.encoder) if cfg.stage == 2 else None
-    groups = param_groups(((n, p) for n, p in model.named_parameters() if not n.startswith("encoder.")), optim.lr,
-                          optim.weight_decay, "decoder")
-    if cfg.stage == 2:
-        groups += param_groups(model.encoder.named_parameters(), cfg.encoder_lr, optim.weight_decay, "encoder")
+    groups = tokenizer_param_groups(model, cfg)
     if cfg.stage == 1 and not resume_dir:
         calibrate_quantizer(model, cfg.data, run.micro_batch_size, rank, world, device)
     optimizer = make_optimizer(groups, optim)
@@ -291,6 +289,31 @@ def calibrate_quantizer(model, data_cfg, batch_size: int, rank: int, world: int,
         raise TrainingError(f"data.source '{data_cfg.source}': no readable image in the first {num_batches} batches")
     d = model.encoder.dim
     model.quantizer.calibrate(*moments_to_stats(moments[:d], moments[d : 2 * d], moments[2 * d]))
+    if model.cfg.quantizer.init == "kmeans":
+        _kmeans_codebook(model, loader, batch_size, device)
+
+
+def _kmeans_codebook(model, loader, batch_size: int, device, min_tokens: int = 65536) -> None:
+    """quantizer.init = kmeans: centroids of this rank's sample of projected features (at least 4 per code and
+    ``min_tokens`` in all), then rank 0's codebook to every rank, so all ranks start from the same model."""
+    import itertools
+    import math
+
+    import torch.distributed as dist
+
+    k = model.cfg.quantizer.codebook_size
+    num_batches = min(1024, math.ceil(max(min_tokens, 4 * k) / (batch_size * model.num_tokens)))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        feats = [model.encoder(b.pixels.to(device)).float().flatten(0, 1)
+                 for b in itertools.islice(loader, num_batches) if b.pixels.shape[0]]
+        feats = torch.cat(feats)
+        if feats.shape[0] < k:
+            raise TrainingError(f"quantizer.init kmeans: {feats.shape[0]} feature tokens sampled, fewer than the {k} codes")
+        model.quantizer.to(device).init_codebook_kmeans(feats, generator=torch.Generator().manual_seed(0))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for name, t in itertools.chain(model.quantizer.named_parameters(), model.quantizer.named_buffers()):
+            if name in ("base_codebook", "embedding"):
+                dist.broadcast(t.data, src=0)
 
 
 def _sample_moments(model, loader, num_batches: int, device):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vqrae.quantizer import QuantizerConfig, SimVQ, VectorQuantizer, build_quantizer, nearest_code
+from vqrae.quantizer import QuantizerConfig, SimVQ, VectorQuantizer, build_quantizer, kmeans, nearest_code
 
 
 def brute_force(z, codebook):
@@ -102,3 +102,38 @@ def test_calibrated_statistics_standardise_the_input_before_projection():
     expected = brute_force(q.proj_in((x - mean) / std).reshape(-1, 8), q.codebook).view(2, 30)
     assert torch.equal(out.indices, expected)
     assert torch.equal(q.state_dict()["feature_mean"], mean)  # saved with the model
+
+
+def test_kmeans_recovers_separated_clusters_and_uses_every_centroid():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(16, 5, generator=g) * 10
+    x = centres[torch.arange(1600) % 16] + 0.01 * torch.randn(1600, 5, generator=g)
+    found = kmeans(x, 16, generator=torch.Generator().manual_seed(1))
+    assert torch.cdist(found, centres).min(1).values.max() < 0.05  # each centroid sits on a true centre
+    assert torch.cdist(centres, found).min(1).values.max() < 0.05  # and each centre has one
+    with pytest.raises(ValueError, match="at least k=16"):
+        kmeans(x[:10], 16)
+
+
+@pytest.mark.parametrize("cls", [SimVQ, VectorQuantizer])
+def test_kmeans_init_puts_codes_on_the_data_and_keeps_w(cls):
+    torch.manual_seed(0)
+    q = cls(dim=12, codebook_size=32, codebook_dim=6)
+    if cls is SimVQ:  # a non-identity W: only the frozen base may change, C' = C W^-T
+        q.codebook_transform.weight.data = torch.randn(6, 6) + 3 * torch.eye(6)
+    w_before = q.codebook_transform.weight.clone() if cls is SimVQ else None
+    centres = torch.randn(32, 12) * 5
+    feats = centres[torch.arange(3200) % 32] + 0.01 * torch.randn(3200, 12)
+    q.calibrate(feats.mean(0), feats.std(0))
+    random_use = torch.unique(q(feats[None]).indices).numel()
+    q.init_codebook_kmeans(feats, generator=torch.Generator().manual_seed(0))
+    out = q(feats[None])
+    assert torch.unique(out.indices).numel() == 32 > random_use
+    assert out.codebook_loss < 1e-3  # every projected feature sits on its code
+    if cls is SimVQ:
+        assert torch.equal(q.codebook_transform.weight, w_before)
+
+
+def test_build_rejects_unknown_init():
+    with pytest.raises(ValueError, match="quantizer.init must be"):
+        build_quantizer(QuantizerConfig(codebook_size=8, codebook_dim=4, init="pca"), dim=4)

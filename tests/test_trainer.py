@@ -5,7 +5,10 @@ import torch
 
 from vqrae import VQRAE
 from vqrae.losses import LossConfig
-from vqrae.trainer import build_discriminator, discriminator_loss, generator_loss, make_teacher, set_stage
+from vqrae.trainer import (
+    TokenizerTrainConfig, build_discriminator, discriminator_loss, generator_loss, make_teacher, set_stage,
+    tokenizer_param_groups,
+)
 from vqrae.training import (
     EMA, Checkpointer, NonFiniteGuard, OptimConfig, RunConfig, TrainingError, deepspeed_config, param_groups,
     rng_state, set_rng_state,
@@ -87,6 +90,27 @@ def test_param_groups_skip_frozen_and_decay_only_matrices(tiny_config):
     decayed = next(g for g in groups if g["weight_decay"] > 0)
     assert all(p.ndim >= 2 for p in decayed["params"])
     assert id(model.decoder.pos_embed) not in {id(p) for p in decayed["params"]}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_tokenizer_groups_give_each_trainable_parameter_one_lr(tiny_config, stage):
+    model = VQRAE(tiny_config)
+    set_stage(model, stage)
+    cfg = TokenizerTrainConfig(stage=stage, encoder_lr=1e-5, quantizer_lr=2e-4, optim=OptimConfig(lr=2e-3))
+    groups = tokenizer_param_groups(model, cfg)
+    lr_of = {}
+    for g in groups:
+        for p in g["params"]:
+            assert id(p) not in lr_of, "a parameter in two groups"
+            lr_of[id(p)] = g["lr"]
+    want = {"decoder": 2e-3, "quantizer": 2e-4, "encoder": 1e-5}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert lr_of.pop(id(p)) == want[n.split(".")[0]], n
+    assert not lr_of  # nothing frozen slipped in
+    cfg.quantizer_lr = None
+    q_lrs = {g["lr"] for g in tokenizer_param_groups(model, cfg) if g["name"].startswith("quantizer")}
+    assert q_lrs == {2e-3}
 
 
 def test_deepspeed_config_accumulation_and_errors():

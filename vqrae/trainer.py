@@ -34,6 +34,7 @@ class TokenizerTrainConfig:
     stage: int = 1  # 1: encoder frozen; 2: encoder trained at encoder_lr with self-distillation
     init_from: Optional[str] = None  # stage 2 (required): a stage-1 model export, e.g. <stage1 output>/model
     encoder_lr: float = 1e-5  # stage-2 encoder lr (the paper's 1e-5); same schedule shape as optim.lr
+    quantizer_lr: Optional[float] = None  # projections and W; None: optim.lr. Lower keeps a k-means codebook spread
     codebook_window: int = 100  # steps over which codebook use % and perplexity are measured
     model: VQRAEConfig = field(default_factory=VQRAEConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -55,6 +56,22 @@ def set_stage(model: VQRAE, stage: int) -> None:
         raise ValueError(f"stage must be 1 or 2, got {stage}")
     model.requires_grad_(True)
     model.encoder.requires_grad_(stage == 2)
+
+
+def tokenizer_param_groups(model: VQRAE, cfg: "TokenizerTrainConfig") -> list:
+    """AdamW groups: decoder at optim.lr, quantizer at quantizer_lr (default optim.lr), and in stage 2 the
+    encoder at encoder_lr. Frozen parameters (the stage-1 encoder) are left out."""
+    from .training import param_groups
+
+    optim = cfg.optim
+    named = list(model.named_parameters())
+    groups = param_groups(((n, p) for n, p in named if n.startswith("decoder.")), optim.lr, optim.weight_decay, "decoder")
+    q_lr = optim.lr if cfg.quantizer_lr is None else cfg.quantizer_lr
+    groups += param_groups(((n, p) for n, p in named if n.startswith("quantizer.")), q_lr, optim.weight_decay, "quantizer")
+    if cfg.stage == 2:
+        groups += param_groups(((n, p) for n, p in named if n.startswith("encoder.")), cfg.encoder_lr,
+                               optim.weight_decay, "encoder")
+    return groups
 
 
 def make_teacher(encoder: nn.Module) -> nn.Module:
