@@ -133,6 +133,9 @@ def test_write_imagefolder_loads_with_datasets(tmp_path):
     row = ds["train"][0]
     assert row["image"].size == (32, 32)
     assert {"question": "What shape is it?", "answer": row["shape"]} in row["questions"]
+    # every row asks all five questions, in an order that varies, so the first answer is not always the colour
+    firsts = {r["questions"][0]["question"] for r in ds["train"]}
+    assert len(firsts) >= 3 and all(len(r["questions"]) == 5 for r in ds["train"])
     assert all((r["colour"], r["shape"]) not in S.HELD_OUT for r in ds["train"].select_columns(["colour", "shape"]))
     assert all((r["colour"], r["shape"]) in S.HELD_OUT for r in ds["test"].select_columns(["colour", "shape"]))
     attrs = S.ShapeAttrs(row["shape"], row["colour"], row["size"], row["position"], row["background"])

@@ -42,7 +42,7 @@ _WHERE = {
 }  # fmt: skip
 # Each colour loses exactly one shape; every colour and every shape still occurs in training.
 HELD_OUT = frozenset((c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLOURS))
-_VERSION = 1  # bump when rendering changes, so cached image folders are rewritten
+_VERSION = 2  # bump when rendering or metadata change, so cached image folders are rewritten
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,9 @@ def write_imagefolder(out_dir: str, num_train: int, num_test: int, seed: int = 0
                 attrs = sample_attrs(rng, split)
                 name = f"{i:06d}.png"
                 render(attrs, size).save(os.path.join(folder, name))
-                qa = [{"question": q, "answer": a} for q, a in questions(attrs)]
+                # a random order per image: in a fixed order a model learns "first answer = colour" and never
+                # reads the question, then answers every single question asked at inference with a colour
+                qa = [{"question": q, "answer": a} for q, a in rng.sample(questions(attrs), k=len(questions(attrs)))]
                 row = {"file_name": name, "caption": caption(attrs, rng), **asdict(attrs), "questions": qa}
                 meta.write(json.dumps(row) + "\n")
     with open(path, "w") as f:  # written last: an interrupted run is redone
