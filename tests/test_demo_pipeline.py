@@ -29,6 +29,7 @@ def test_quick_demo_runs_every_step_and_beats_chance(tmp_path):
     score = json.loads((tmp_path / "outputs" / "demo" / "score.json").read_text())
     tok, gen, und = score["tokenizer"], score["generation"], score["understanding"]
     assert tok["codebook_size"] == 256 and tok["codebook_usage_pct"] > 50
-    # 8 colours: chance is 12.5 %
-    assert und["colour"] >= 0.6, score
-    assert gen["background"] >= 0.9, score
+    # Answers about held-out pictures (colour-shape pairs never trained on). 8 colours: chance is 12.5 %; the
+    # quick run (450 MLLM steps) answers ~55 % of colour questions, the full demo 100 %.
+    assert und["colour"] >= 0.4, score
+    assert und["background"] >= 0.9 and gen["background"] >= 0.7, score  # 2 backgrounds: chance 50 %
