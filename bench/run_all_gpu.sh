@@ -36,7 +36,7 @@ run quantizer_random 60 bench/bench_quantizer.py --device cuda --tokens 16384 --
 run quantizer_near 60 bench/bench_quantizer.py --device cuda --tokens 16384 --queries near-codes --json "$LOGS/quantizer_near.json"
 run train_step 220 bench/bench_train_step.py --preset vit-l --device cuda --peak-tflops 989 --fused-adam --channels-last \
   --compile --json "$LOGS/train_step.json"
-run generate 200 bench/bench_generate.py --preset gpu-1.4b --device cuda --compile --repeats 2
+run generate 280 bench/bench_generate.py --preset gpu-1.4b --device cuda --compile --repeats 2
 echo
 echo "total $((SECONDS - START)) s; logs in $LOGS"
 fi

@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--attr-weight", type=float, default=0.1, help="weight of the pooled attribute losses")
     ap.add_argument("--pixel-weight", type=float, default=50.0, help="weight of the per-patch pixel regression")
+    ap.add_argument("--patch-weight", type=float, default=1.0, help="weight of the per-patch colour and shape losses")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     import timm
@@ -100,7 +101,7 @@ def main() -> None:
         pooled = pool(tokens)
         loss = args.attr_weight * sum(F.cross_entropy(heads[k](pooled), labels[k][idx]) for k in HEADS)
         for j, head in enumerate(patch_heads):
-            loss = loss + F.cross_entropy(head(tokens).flatten(0, 1), patch_targets[idx][..., j].flatten())
+            loss = loss + args.patch_weight * F.cross_entropy(head(tokens).flatten(0, 1), patch_targets[idx][..., j].flatten())
         loss = loss + args.pixel_weight * F.mse_loss(pixel_head(tokens), pixels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
