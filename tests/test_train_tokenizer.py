@@ -52,8 +52,11 @@ def images(tmp_path_factory):
 
 def test_two_stages_resume_reproduces_uninterrupted_run(images, tmp_path):
     a, b, s2 = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "s2")
-    common = [f"data.source={images}", "run.steps=12", "run.save_every=4", "run.keep_last=10"]
+    # the k-means codebook (computed per rank, rank 0's broadcast) and the quantizer's own lr run on 2 ranks too
+    common = [f"data.source={images}", "run.steps=12", "run.save_every=4", "run.keep_last=10",
+              "model.quantizer.init=kmeans", "quantizer_lr=5e-4"]
     proc = deepspeed_run("scripts/train_tokenizer.py", "configs/tokenizer/tiny_stage1.yaml", *common, f"run.output_dir={a}")
+    assert "lr/quantizer=" in proc.stdout + proc.stderr
     recon = losses(proc.stdout + proc.stderr, "loss/recon")
     assert len(recon) == 6 and recon[-1] < recon[0], recon
     assert os.path.isfile(os.path.join(a, "model", "model.safetensors"))
