@@ -311,9 +311,8 @@ def _kmeans_codebook(model, loader, batch_size: int, device, min_tokens: int = 6
             raise TrainingError(f"quantizer.init kmeans: {feats.shape[0]} feature tokens sampled, fewer than the {k} codes")
         model.quantizer.to(device).init_codebook_kmeans(feats, generator=torch.Generator().manual_seed(0))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for name, t in itertools.chain(model.quantizer.named_parameters(), model.quantizer.named_buffers()):
-            if name in ("base_codebook", "embedding"):
-                dist.broadcast(t.data, src=0)
+        for t in model.quantizer.state_dict().values():  # tensors sharing the live storage
+            dist.broadcast(t, src=0)
 
 
 def _sample_moments(model, loader, num_batches: int, device):

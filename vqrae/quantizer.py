@@ -139,18 +139,25 @@ class SimVQ(nn.Module):
         """Effective codebook C = C' W^T, (K, e)."""
         return self.codebook_transform(self.base_codebook)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder features (..., D) -> standardised and projected latents z (..., e)."""
+        return self.proj_in((x - self.feature_mean) / self.feature_std)
+
+    @torch.no_grad()
+    def set_codebook(self, codes: torch.Tensor) -> None:
+        """Make the effective codebook C equal ``codes`` (K, e) by changing only the frozen base: C' = C W^-T."""
+        w = self.codebook_transform.weight.float()
+        self.base_codebook.copy_(torch.linalg.solve(w, codes.float().t()).t())
+
     @torch.no_grad()
     def init_codebook_kmeans(self, features: torch.Tensor, iters: int = 20, generator: torch.Generator | None = None) -> None:
         """Set the effective codebook to k-means centroids of the projected ``features`` (M, D), after
-        ``calibrate``. Only the frozen base C' changes (C' = C W^-T), so W keeps its value and role."""
-        z = self.proj_in((features.to(self.feature_mean) - self.feature_mean) / self.feature_std)
-        centroids = kmeans(z, self.codebook_size, iters, generator)
-        w = self.codebook_transform.weight.float()
-        self.base_codebook.copy_(torch.linalg.solve(w, centroids.t()).t())
+        ``calibrate``; W keeps its value and role."""
+        self.set_codebook(kmeans(self.project(features.to(self.feature_mean)), self.codebook_size, iters, generator))
 
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         """x (B, N, D) continuous features -> straight-through quantized features and losses."""
-        z = self.proj_in((x - self.feature_mean) / self.feature_std)  # (B, N, e)
+        z = self.project(x)  # (B, N, e)
         codebook = self.codebook  # (K, e)
         indices = nearest_code(z.reshape(-1, z.shape[-1]).detach(), codebook.detach(), self.search_chunk, self.token_chunk)
         q = F.embedding(indices, codebook).view_as(z)  # gathers through W, so the codebook term trains W
@@ -190,9 +197,8 @@ class VectorQuantizer(SimVQ):
         return self.embedding
 
     @torch.no_grad()
-    def init_codebook_kmeans(self, features: torch.Tensor, iters: int = 20, generator: torch.Generator | None = None) -> None:
-        z = self.proj_in((features.to(self.feature_mean) - self.feature_mean) / self.feature_std)
-        self.embedding.copy_(kmeans(z, self.codebook_size, iters, generator))
+    def set_codebook(self, codes: torch.Tensor) -> None:
+        self.embedding.copy_(codes)
 
 
 def build_quantizer(cfg: QuantizerConfig, dim: int) -> SimVQ:
