@@ -142,6 +142,7 @@ def generate_image_codes(
     generator: torch.Generator | None = None,
     cache: Cache | None = None,
     compile_step: bool = False,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample ``spec.num_tokens`` image codes for each prompt; returns code indices (B, num_tokens) in [0, K).
 
@@ -162,8 +163,12 @@ def generate_image_codes(
             reused across calls; it is reset first. Default: a static cache sized for this call.
         compile_step: on CUDA, run each one-token step through ``torch.compile`` with CUDA graphs; needs a
             static cache (the default). Ignored on other devices.
+        positions: (num_tokens, H) embeddings of the image-token indices (``UnifiedModel.image_positions``):
+            row t is added to the input embedding of code t when it is fed back. None: codes go in as ids.
     """
     batch = len(prompt_ids)
+    if positions is not None and tuple(positions.shape[:1]) != (spec.num_tokens,):
+        raise ValueError(f"positions must hold one row per image token ({spec.num_tokens}), got {tuple(positions.shape)}")
     if batch == 0:
         raise ValueError("prompt_ids is empty: pass at least one prompt")
     guided = uncond_ids is not None
@@ -198,7 +203,7 @@ def generate_image_codes(
             break
         # Both halves of a guided batch continue with the same sampled code.
         step_ids.view(-1, batch).copy_((idx + lo).expand(step_ids.numel() // batch, batch))
-        code_logits = run.step(step_ids)
+        code_logits = run.step(step_ids, None if positions is None else positions[t])
     return codes
 
 
@@ -318,6 +323,7 @@ class _Decoder:
         self.next_pos = mask.sum(dim=-1, keepdim=True)  # (rows, 1), advanced in place each step
 
         self.vocab = vocab
+        self.embeddings = lm.get_input_embeddings()
         # With a vocabulary range, skip the output rows outside it when that gives the model's own logits.
         self.head, self.body = _separable_head(lm, vocab[1], prompt) if vocab is not None else (None, lm)
 
@@ -337,9 +343,14 @@ class _Decoder:
         logits = _forward(self.body, self.head, self.vocab, self.prompt, self.prompt_pos, self.prompt_mask, self.cache)
         return self._logits(logits)
 
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (rows, 1); logits of the next position (rows, V)."""
-        step_inputs = {"input_ids": ids}
+    def step(self, ids: torch.Tensor, added: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed one token per row (rows, 1), its embedding plus ``added`` (H,) when given; logits of the next
+        position (rows, V)."""
+        if added is None:
+            step_inputs = {"input_ids": ids}
+        else:
+            embeds = self.embeddings(ids)
+            step_inputs = {"inputs_embeds": embeds + added.to(embeds.dtype)}
         logits = self.forward(self.body, self.head, self.vocab, step_inputs, self.next_pos, self.full_mask, self.cache)
         self.next_pos.add_(1)
         return self._logits(logits)

@@ -161,7 +161,7 @@ def generate_images(
     for start in range(0, len(rows), batch_size):
         batch_codes = generate_image_codes(
             model.llm, rows[start : start + batch_size], spec, sampling, uncond_ids=[ids.uncond] if guided else None,
-            pad_id=pad_id, generator=generator, compile_step=compile_step,
+            pad_id=pad_id, generator=generator, compile_step=compile_step, positions=model.image_position_table(),
         )  # (b, N)
         pixels = model.decode_image_codes(batch_codes)  # (b, 3, H, W)
         codes.append(batch_codes.cpu())

@@ -13,6 +13,7 @@ directory holds everything needed to rebuild the model offline::
     llm/                    LLM weights (safetensors); with LoRA, the base weights the adapter applies to
     adapter/                PEFT adapter (LoRA matrices and the image-token rows), LoRA only
     projector.safetensors
+    image_positions.safetensors   with ``image_positions`` only
     vqrae/                  copy of the VQRAE checkpoint
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .vocab import ImageVocab, add_image_tokens, resize_embeddings
 
 CONFIG_NAME = "mllm.yaml"
 PROJECTOR_NAME = "projector.safetensors"
+POSITIONS_NAME = "image_positions.safetensors"
 IGNORE_INDEX = -100  # label of positions that carry no loss (the Hugging Face convention)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,6 +65,11 @@ class MLLMConfig:
     gradient_checkpointing: bool = False  # recompute LLM activations in backward to save memory
     freeze_llm: bool = False  # train the projector only (understanding alignment stage)
     new_token_noise: float = 0.0  # std of noise added to the mean-initialised rows of the new tokens
+    # A learned embedding of each image token's index (0..N-1), added to the input embedding of the code token
+    # at that index. A rotary-position LLM only sees distances between tokens, and the caption before an image
+    # varies in length, so it must otherwise infer where in the grid each code falls; a small LLM trained
+    # briefly (the demo) learns layouts far faster with it. Starts at zero: the LLM is unchanged at step 0.
+    image_positions: bool = False
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
@@ -85,6 +92,7 @@ class UnifiedModel(nn.Module):
         vqrae: the image tokenizer; frozen and kept in eval mode, so it never receives gradients.
         projector: maps VQRAE features (B, N, D) to LLM embeddings (B, N, H).
         adapter: directory of a saved PEFT adapter to load when ``cfg.lora.enabled``; None creates a new one.
+        image_positions: (N, H) values for the ``cfg.image_positions`` table; None starts it at zero.
 
     Use ``build`` for a new model from ``cfg`` and ``from_pretrained`` for a saved one.
     """
@@ -97,6 +105,7 @@ class UnifiedModel(nn.Module):
         vqrae: VQRAE,
         projector: MLPProjector,
         adapter: Optional[str] = None,
+        image_positions: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         vocab = ImageVocab.from_tokenizer(tokenizer)
@@ -125,6 +134,22 @@ class UnifiedModel(nn.Module):
             llm.requires_grad_(False)
         self._llm_keys = list(llm.state_dict().keys())  # the base names, to save the base under LoRA
         self.llm = _with_lora(llm, cfg.lora, vocab, adapter) if cfg.lora.enabled else llm
+        self.image_positions: Optional[nn.Embedding] = None
+        if cfg.image_positions:
+            embeds = llm.get_input_embeddings().weight
+            table = nn.Embedding(vqrae.num_tokens, embeds.shape[1], device=embeds.device, dtype=embeds.dtype)
+            nn.init.zeros_(table.weight)
+            if image_positions is not None:
+                if tuple(image_positions.shape) != tuple(table.weight.shape):
+                    raise ValueError(
+                        f"image_positions has shape {tuple(image_positions.shape)}, expected {tuple(table.weight.shape)}"
+                        " (image tokens x LLM hidden size)"
+                    )
+                table.weight.data.copy_(image_positions)
+            table.requires_grad_(not cfg.freeze_llm)
+            self.image_positions = table
+        elif image_positions is not None:
+            raise ValueError("image_positions values given but MLLMConfig.image_positions is off")
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -161,7 +186,8 @@ class UnifiedModel(nn.Module):
         projector = MLPProjector(vqrae.encoder.dim, llm.get_input_embeddings().embedding_dim, cfg.projector.depth)
         projector.load_state_dict(load_file(os.path.join(path, PROJECTOR_NAME)), strict=True)
         adapter = os.path.join(path, "adapter") if cfg.lora.enabled else None
-        return cls(cfg, llm, tokenizer, vqrae, projector, adapter=adapter)
+        positions = load_file(os.path.join(path, POSITIONS_NAME))["weight"] if cfg.image_positions else None
+        return cls(cfg, llm, tokenizer, vqrae, projector, adapter=adapter, image_positions=positions)
 
     def save_pretrained(self, path: str) -> None:
         """Write the layout described in the module docstring; ``from_pretrained(path)`` gives the same logits."""
@@ -170,6 +196,9 @@ class UnifiedModel(nn.Module):
         self.vqrae.save_pretrained(os.path.join(path, "vqrae"))
         projector = {k: v.detach().to("cpu").contiguous() for k, v in self.projector.state_dict().items()}
         save_file(projector, os.path.join(path, PROJECTOR_NAME), metadata={"format": "pt"})
+        if self.image_positions is not None:
+            table = self.image_positions.weight.detach().to("cpu").contiguous()
+            save_file({"weight": table}, os.path.join(path, POSITIONS_NAME), metadata={"format": "pt"})
         if self.cfg.lora.enabled:
             base = self.llm.get_base_model()
             base.save_pretrained(os.path.join(path, "llm"), state_dict=self._base_state_dict())
@@ -254,6 +283,8 @@ class UnifiedModel(nn.Module):
         if bool((input_ids < 0).any()):
             raise ValueError("input_ids hold negative ids: insert the image codes first (mllm.data.insert_codes)")
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, L, H)
+        if self.image_positions is not None:
+            embeds = embeds + self._code_positions(input_ids).to(embeds.dtype)
         if images is None and image_mask is None:
             return embeds
         if images is None or image_mask is None:
@@ -293,6 +324,20 @@ class UnifiedModel(nn.Module):
             image_loss=(ce * image).sum() / image.sum().clamp_min(1),
             text_loss=(ce * text).sum() / text.sum().clamp_min(1),
         )
+
+    def _code_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L, H): the ``image_positions`` row of each code token's index in its image, zero elsewhere.
+
+        Code tokens are counted along each row; every image holds N of them, so the k-th code of a row is
+        index k mod N of its image.
+        """
+        is_code = self.vocab.is_code(input_ids)
+        index = (is_code.long().cumsum(dim=1) - 1).clamp_min(0) % self.vqrae.num_tokens
+        return self.image_positions(index) * is_code.unsqueeze(-1)
+
+    def image_position_table(self) -> Optional[torch.Tensor]:
+        """The (N, H) table ``generate_image_codes(positions=...)`` adds to fed-back codes; None when off."""
+        return None if self.image_positions is None else self.image_positions.weight
 
     def _vqrae_dtype(self) -> torch.dtype:
         return next(self.vqrae.parameters()).dtype

@@ -191,7 +191,8 @@ def build_model(cfg: MLLMTrainConfig) -> tuple[UnifiedModel, str]:
         model_cfg, llm=base.cfg.llm, vqrae=base.cfg.vqrae, gguf_file=base.cfg.gguf_file,
         trust_remote_code=base.cfg.trust_remote_code, projector=base.cfg.projector,
     )
-    model = UnifiedModel(model_cfg, llm, base.tokenizer, base.vqrae, base.projector)
+    positions = base.image_position_table() if model_cfg.image_positions else None  # None: a fresh zero table
+    model = UnifiedModel(model_cfg, llm, base.tokenizer, base.vqrae, base.projector, image_positions=positions)
     return model, os.path.join(cfg.init_from, "vqrae")
 
 

@@ -339,6 +339,91 @@ def test_save_then_from_pretrained_gives_identical_logits(dirs, family, tmp_path
     assert torch.equal(_logits(loaded, batch), _logits(model, batch))
 
 
+# ----------------------------------------------------------------------------- image positions
+
+
+def _with_random_positions(dirs, family: str = "llama") -> UnifiedModel:
+    # noisy new rows: mean-initialised code rows would all tie, and greedy decoding would only ever pick code 0
+    model = build(dirs, family, image_positions=True, new_token_noise=1.0).eval()
+    with torch.no_grad():
+        model.image_positions.weight.normal_(generator=torch.Generator().manual_seed(3))
+    return model
+
+
+def test_image_positions_add_each_codes_index_and_start_at_zero(dirs):
+    plain, fresh = build(dirs, "llama").eval(), build(dirs, "llama", image_positions=True).eval()
+    batch = mixed_batch(plain)
+    assert plain.image_positions is None and fresh.image_positions.weight.abs().sum() == 0
+    assert torch.equal(_logits(fresh, batch), _logits(plain, batch))  # a zero table leaves the LLM unchanged
+
+    model = _with_random_positions(dirs)
+    vocab, table = model.vocab, model.image_positions.weight
+    codes = torch.randint(0, K, (2, N))
+    text = torch.tensor([5, 6, 7])
+    row = torch.cat([text, torch.tensor([vocab.boi_id]), vocab.to_tokens(codes[0]), torch.tensor([vocab.eoi_id]),
+                     text[:1], torch.tensor([vocab.boi_id]), vocab.to_tokens(codes[1])])[None]
+    with torch.no_grad():
+        added = model.embed(row) - model.llm.get_input_embeddings()(row)
+    is_code = vocab.is_code(row[0])
+    assert torch.equal(added[0][~is_code], torch.zeros_like(added[0][~is_code]))
+    assert torch.allclose(added[0][is_code], torch.cat([table, table]), atol=1e-6)  # index k of each image
+
+
+def test_image_positions_train_on_generation_rows(dirs):
+    model = build(dirs, "llama", image_positions=True).train()
+    batch = mixed_batch(model)
+    model(**batch.model_inputs()).loss.backward()
+    grad = model.image_positions.weight.grad
+    assert grad is not None and grad.abs().sum(dim=-1).gt(0).all()  # every index of the one generated image
+    assert any(p is model.image_positions.weight for p in model.trainable_parameters())
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
+def test_cached_generation_with_image_positions_equals_full_forward(dirs, cfg_scale):
+    from mllm import SamplingConfig, generate_image_codes, generation_prompts
+
+    model = _with_random_positions(dirs)
+    prompts = generation_prompts(model.tokenizer, ["a red cat", "a small dog runs in the park"])
+    codes = generate_image_codes(
+        model.llm, prompts.cond, model.image_token_spec(), SamplingConfig(temperature=0, cfg_scale=cfg_scale),
+        uncond_ids=[prompts.uncond] if cfg_scale != 1 else None, pad_id=pad_token_id(model.tokenizer),
+        positions=model.image_position_table(),
+    )
+    vocab = model.vocab
+    for row, cond in enumerate(prompts.cond):  # greedy decoding by full forwards through UnifiedModel.forward
+        seqs = [list(cond) + [vocab.boi_id], list(prompts.uncond) + [vocab.boi_id]]
+        for t in range(N):
+            with torch.no_grad():
+                logits = [model(torch.tensor([s])).logits[0, -1, vocab.code_ids.start : vocab.code_ids.stop] for s in seqs]
+            guided = logits[0] + (cfg_scale - 1) * (logits[0] - logits[1])
+            code = int(guided.argmax())
+            assert code == int(codes[row, t]), f"prompt {row}, token {t}"
+            seqs = [s + [vocab.code_offset + code] for s in seqs]
+    without = generate_image_codes(
+        model.llm, prompts.cond, model.image_token_spec(), SamplingConfig(temperature=0, cfg_scale=1.0),
+        pad_id=pad_token_id(model.tokenizer),
+    )
+    assert codes.shape == without.shape == (2, N) and len(codes.unique()) > 3
+    assert not torch.equal(codes, without)  # the table steers every step after the first
+    with pytest.raises(ValueError, match="one row per image token"):
+        generate_image_codes(model.llm, prompts.cond, model.image_token_spec(), SamplingConfig(cfg_scale=1.0),
+                             pad_id=0, positions=model.image_position_table()[:-1])
+
+
+def test_image_positions_survive_save_and_load(dirs, tmp_path):
+    model = _with_random_positions(dirs)
+    batch = mixed_batch(model)
+    _sgd_step(model, batch)
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    assert "image_positions.safetensors" in os.listdir(tmp_path / "ckpt")
+    loaded = UnifiedModel.from_pretrained(str(tmp_path / "ckpt"))
+    assert torch.equal(loaded.image_position_table(), model.image_position_table())
+    assert torch.equal(_logits(loaded, batch), _logits(model, batch))
+    with pytest.raises(ValueError, match="expected"):
+        UnifiedModel(model.cfg, model.llm, model.tokenizer, model.vqrae, model.projector,
+                     image_positions=torch.zeros(N + 1, 64))
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_lora_checkpoint_restores_new_rows_and_merges(dirs, family, tmp_path):
     lora = LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0)

@@ -22,7 +22,7 @@ def assets(tmp_path_factory):
 
 
 def same_weights(a: str, b: str) -> bool:
-    for name in ("llm/model.safetensors", "projector.safetensors"):
+    for name in ("llm/model.safetensors", "projector.safetensors", "image_positions.safetensors"):
         wa, wb = load_file(os.path.join(a, name)), load_file(os.path.join(b, name))
         if wa.keys() != wb.keys() or not all(torch.equal(wa[k], wb[k]) for k in wa):
             return False
@@ -32,7 +32,8 @@ def same_weights(a: str, b: str) -> bool:
 def test_joint_training_resumes_exactly_with_precomputed_codes(assets, tmp_path):
     a, b, codes = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "codes")
     common = [f"model.llm={assets['llm']}", f"model.vqrae={assets['vqrae']}", f"data.generation.source={assets['data']}",
-              f"data.understanding.source={assets['data']}", "run.steps=12", "run.save_every=4", "run.keep_last=10"]
+              f"data.understanding.source={assets['data']}", "run.steps=12", "run.save_every=4", "run.keep_last=10",
+              "model.image_positions=true"]
     proc = deepspeed_run("scripts/train_mllm.py", CONFIG, *common, f"run.output_dir={a}")
     log = proc.stdout + proc.stderr
     for task in ("generation", "understanding"):
@@ -50,6 +51,7 @@ def test_joint_training_resumes_exactly_with_precomputed_codes(assets, tmp_path)
     initial = load_file(os.path.join(assets["llm"], "model.safetensors"))
     trained = load_file(os.path.join(export, "llm", "model.safetensors"))
     assert not torch.equal(initial["model.layers.0.self_attn.q_proj.weight"], trained["model.layers.0.self_attn.q_proj.weight"])
+    assert model.image_position_table().abs().sum(dim=-1).gt(0).all()  # every index trained away from zero
 
     # Codes computed once, then a resume from the step-4 checkpoint in a fresh directory that reads them instead
     # of running the VQRAE: the same batches, so the same fp32 weights at steps 8 and 12.
