@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from vqrae import VQRAE
 from vqrae.config import from_dict, to_dict
 
-from .generate import ImageTokenSpec
+from .generate import ImageTokenSpec, SamplingConfig
 from .projector import MLPProjector, ProjectorConfig
 from .vocab import ImageVocab, add_image_tokens, resize_embeddings
 
@@ -56,6 +56,17 @@ class LoraSettings:
 
 
 @dataclass
+class ImageSampling:
+    """How ``scripts/generate.py`` and ``scripts/score_demo.py`` sample images from this model unless told
+    otherwise (the fields of ``mllm.generate.SamplingConfig``)."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    cfg_scale: float = 4.0  # 1 = no guidance
+
+
+@dataclass
 class MLLMConfig:
     llm: str = MISSING  # hub id or local directory of any AutoModelForCausalLM
     vqrae: str = MISSING  # VQRAE checkpoint directory (VQRAE.save_pretrained); its K sets the image vocabulary
@@ -70,6 +81,7 @@ class MLLMConfig:
     # varies in length, so it must otherwise infer where in the grid each code falls; a small LLM trained
     # briefly (the demo) learns layouts far faster with it. Starts at zero: the LLM is unchanged at step 0.
     image_positions: bool = False
+    sampling: ImageSampling = field(default_factory=ImageSampling)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
@@ -117,6 +129,7 @@ class UnifiedModel(nn.Module):
         rows = llm.get_input_embeddings().weight.shape[0]
         if rows < len(tokenizer):
             raise ValueError(f"LLM embeddings have {rows} rows but the tokenizer has {len(tokenizer)} tokens")
+        SamplingConfig(**dataclasses.asdict(cfg.sampling))  # a bad default fails here, not at generation time
         if cfg.lora.enabled and cfg.freeze_llm:
             raise ValueError("lora.enabled and freeze_llm contradict each other: pick one")
         self.cfg, self.tokenizer, self.vocab = cfg, tokenizer, vocab
@@ -334,6 +347,10 @@ class UnifiedModel(nn.Module):
         is_code = self.vocab.is_code(input_ids)
         index = (is_code.long().cumsum(dim=1) - 1).clamp_min(0) % self.vqrae.num_tokens
         return self.image_positions(index) * is_code.unsqueeze(-1)
+
+    def sampling_config(self, seed: Optional[int] = None, **overrides) -> SamplingConfig:
+        """This model's image sampling defaults (``cfg.sampling``) with ``overrides`` (e.g. ``cfg_scale=3``)."""
+        return SamplingConfig(**{**dataclasses.asdict(self.cfg.sampling), **overrides}, seed=seed)
 
     def image_position_table(self) -> Optional[torch.Tensor]:
         """The (N, H) table ``generate_image_codes(positions=...)`` adds to fed-back codes; None when off."""

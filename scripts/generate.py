@@ -10,7 +10,8 @@ A prompts file holds one prompt per line (blank lines are skipped); --num-images
 --seed a fresh one is drawn and printed. --negative-prompt replaces the empty caption of the unconditional
 guidance branch. With --image the answer is printed; it is greedy unless --temperature is given.
 
-Sampling defaults (those of mllm.generate.SamplingConfig): --cfg 4.0, --temperature 1.0, no top-k, top-p 1.
+Sampling defaults are the model's own (MLLMConfig.sampling, saved with it; --cfg 4.0, --temperature 1.0, no
+top-k, top-p 1 unless its training config said otherwise); the demo model samples greedily with --cfg 2.
 Bad input ends the run with a one-line message on stderr and exit code 2.
 """
 from __future__ import annotations
@@ -173,8 +174,8 @@ def _run(args: argparse.Namespace, prompts: list[str]) -> None:
         given["temperature"] = args.temperature
     if args.cfg is not None:
         given["cfg_scale"] = args.cfg
-    sampling = SamplingConfig(seed=seed, **given)
     model = _load_model(args.model, device, dtype)
+    sampling = model.sampling_config(seed=seed, **given)  # the model's own defaults, then the flags
     result = generate_images(
         model, prompts, sampling, num_images=args.num_images, negative_prompt=args.negative_prompt,
         batch_size=args.batch_size, compile_step=args.compile,

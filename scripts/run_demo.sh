@@ -28,7 +28,7 @@ step python scripts/make_demo_llm.py
 step deepspeed --num_gpus 1 --master_port "${VQRAE_DEMO_PORT:-29500}" scripts/train_tokenizer.py --config configs/tokenizer/demo_stage1.yaml "${tok1[@]}"
 step deepspeed --num_gpus 1 --master_port "${VQRAE_DEMO_PORT:-29500}" scripts/train_tokenizer.py --config configs/tokenizer/demo_stage2.yaml "${tok2[@]}"
 step deepspeed --num_gpus 1 --master_port "${VQRAE_DEMO_PORT:-29500}" scripts/train_mllm.py --config configs/mllm/demo.yaml "${mllm[@]}"
-step python scripts/generate.py --prompt "a large red circle in the center on a black background" --num-images 4
+step python scripts/generate.py --prompt "a large red circle in the center on a black background" --num-images 1
 step python scripts/generate.py --image data/shapes/test/000000.png --prompt "What colour is the shape?"
 step python scripts/score_demo.py "${score[@]}"
 printf '\n==> demo finished in %ss\n' "$((SECONDS - start))"

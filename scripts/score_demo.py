@@ -29,9 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/shapes", help="shapes image folder (scripts/make_demo_data.py)")
     p.add_argument("--prompts", type=int, default=64, help="held-out captions to generate images for")
     p.add_argument("--question-images", type=int, default=80, help="held-out images whose questions are asked")
-    p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--cfg", type=float, default=None, help="default: the model's own (MLLMConfig.sampling)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: the model's own")
+    p.add_argument("--top-k", type=int, default=None, help="default: the model's own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/demo/score.json")
     p.add_argument("--grid-dir", default="outputs/demo", help="where the picture grids go")
@@ -49,7 +49,6 @@ def main(argv=None) -> None:
     import torch
     from PIL import Image
 
-    from mllm.generate import SamplingConfig
     from mllm.inference import answer_question, generate_images, image_grid, load_model, save_png, to_uint8
     from vqrae import shapes
     from vqrae.evaluate import build_eval_loader, eval_data_config, evaluate
@@ -70,7 +69,8 @@ def main(argv=None) -> None:
 
     # generation for held-out captions
     gen_rows = rows[: args.prompts]
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg)
+    flags = dict(temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg)
+    sampling = model.sampling_config(**{k: v for k, v in flags.items() if v is not None})
     gen = generate_images(model, [r["caption"] for r in gen_rows], sampling, num_images=1, batch_size=32,
                           generator=torch.Generator().manual_seed(args.seed))
     want = [shapes.ShapeAttrs(r["shape"], r["colour"], r["size"], r["position"], r["background"]) for r in gen_rows]
@@ -92,7 +92,8 @@ def main(argv=None) -> None:
     result = {
         "tokenizer": {"psnr": tok["psnr"], "codebook_usage_pct": tok["codebook_usage_pct"],
                       "perplexity": tok["perplexity"], "codebook_size": vq.codebook_size, "images": tok["count"]},
-        "generation": {**gen_score, "prompts": len(gen_rows), "cfg": args.cfg, "temperature": args.temperature},
+        "generation": {**gen_score, "prompts": len(gen_rows), "cfg": sampling.cfg_scale,
+                       "temperature": sampling.temperature, "top_k": sampling.top_k},
         "understanding": {"accuracy": sum(answers) / max(1, len(answers)), "questions": len(answers),
                           **{k: sum(v) / len(v) for k, v in per_kind.items()}},
         "seconds": time.time() - t0,

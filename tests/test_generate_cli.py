@@ -354,3 +354,38 @@ def test_script_subprocess_bad_input_fails_fast():
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr == "error: --top-p must be in (0, 1], got 0.0\n"
+
+
+def _with_sampling(src: str, dst: Path, **sampling) -> str:
+    import yaml
+
+    shutil.copytree(src, dst)
+    cfg = yaml.safe_load((dst / "mllm.yaml").read_text())
+    cfg["sampling"] = {**cfg["sampling"], **sampling}
+    (dst / "mllm.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(dst)
+
+
+def test_cli_samples_with_the_models_own_defaults_unless_told(cli, dirs, tmp_path, capfd):
+    greedy = _with_sampling(dirs["model"], tmp_path / "greedy", temperature=0.0, cfg_scale=1.5)
+
+    def run(seed, out, *flags):
+        argv = ["--model", greedy, "--prompt", "a red circle", "--num-images", "2", "--seed", str(seed),
+                "--out", str(tmp_path / out), *flags]
+        assert cli.main(argv) == 0
+        return [png(p) for p in sorted((tmp_path / out).iterdir())[:2]]
+
+    loaded = load_model(greedy)
+    assert loaded.sampling_config(seed=3) == SamplingConfig(temperature=0.0, cfg_scale=1.5, seed=3)
+    want = generate_images(loaded, ["a red circle"], SamplingConfig(temperature=0.0, cfg_scale=1.5), num_images=2)
+    a, b = run(1, "a"), run(2, "b")  # greedy: the seed changes nothing
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, to_uint8(want.images)))
+    c, d = run(1, "c", "--temperature", "1"), run(2, "d", "--temperature", "1")  # a flag wins over the default
+    assert not all(torch.equal(x, y) for x, y in zip(c, d))
+    capfd.readouterr()
+
+    bad = _with_sampling(dirs["model"], tmp_path / "bad", top_p=0.0)
+    assert cli.main(["--model", bad, "--prompt", "a red circle", "--out", str(tmp_path / "e")]) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("error:") and "top_p" in err and "\n" not in err
