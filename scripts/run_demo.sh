@@ -18,7 +18,7 @@ if [ "${VQRAE_DEMO_QUICK:-0}" = 1 ]; then
   vfm=(--steps 150)
   tok1=(run.steps=300 run.save_every=300 run.image_every=0 run.log_every=100)
   tok2=(run.steps=20 run.save_every=20 run.image_every=0 run.log_every=10)
-  mllm=(run.steps=450 run.save_every=450 optim.warmup_steps=25 run.log_every=50 data.task_ratio=0.3)
+  mllm=(run.steps=600 run.save_every=600 optim.warmup_steps=25 run.log_every=50)
   score=(--prompts 32 --question-images 20)
 fi
 

@@ -30,6 +30,9 @@ def test_quick_demo_runs_every_step_and_beats_chance(tmp_path):
     tok, gen, und = score["tokenizer"], score["generation"], score["understanding"]
     assert tok["codebook_size"] == 256 and tok["codebook_usage_pct"] > 50
     # Answers about held-out pictures (colour-shape pairs never trained on). 8 colours: chance is 12.5 %; the
-    # quick run (450 MLLM steps) answers ~55 % of colour questions, the full demo 100 %.
-    assert und["colour"] >= 0.4, score
+    # quick run (600 MLLM steps) answers 100 % of colour questions, like the full demo.
+    assert und["colour"] >= 0.5, score
     assert und["background"] >= 0.9 and gen["background"] >= 0.7, score  # 2 backgrounds: chance 50 %
+    # Images for held-out captions put the shape in the named cell of the 3 x 3 grid (chance 11 %): the quick run
+    # places 81 % (its weaker tokenizer gets only 22 % of the colours right), the full demo 100 %.
+    assert gen["position"] >= 0.5, score
