@@ -45,6 +45,10 @@ def main(argv=None) -> None:
         raise ConfigError(f"stage must be 1 or 2, got {cfg.stage}")
     if not cfg.data.source:
         raise ConfigError("data.source is empty: give an imagefolder directory, a hub dataset id or .tar shards")
+    for name in ("encoder_lr", "quantizer_lr"):
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:  # also catches nan
+            raise ConfigError(f"{name} must be > 0, got {value}")
     # the launcher exports WORLD_SIZE to every rank: bad batch sizes fail here, before any process group exists
     check_run_config(cfg.run, cfg.optim, int(os.environ.get("WORLD_SIZE", "1")))
     train(cfg, args.resume)

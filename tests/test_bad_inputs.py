@@ -162,6 +162,9 @@ CASES = [
     (TOKENIZER, "init_from damaged weights", tok("stage=2", "init_from={damaged_export}"),
      r"cannot build the VQRAE from init_from .*SafetensorError", LATE),
     (TOKENIZER, "stage 3", tok("stage=3"), r"stage must be 1 or 2, got 3"),
+    (TOKENIZER, "negative quantizer lr", tok("quantizer_lr=-1e-4"), r"quantizer_lr must be > 0, got -0.0001"),
+    (TOKENIZER, "zero encoder lr", tok("stage=2", "init_from={damaged_export}", "encoder_lr=0"),
+     r"encoder_lr must be > 0, got 0.0"),
     (TOKENIZER, "resume not a checkpoint", tok("--resume", "{not_checkpoint}"), r"not a complete checkpoint", LATE),
     (TOKENIZER, "resume torn checkpoint", tok("--resume", "{torn_checkpoint}"), r"files it lists are missing", LATE),
     # -- model shapes
