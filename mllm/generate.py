@@ -167,7 +167,7 @@ def generate_image_codes(
             row t is added to the input embedding of code t when it is fed back. None: codes go in as ids.
     """
     batch = len(prompt_ids)
-    if positions is not None and tuple(positions.shape[:1]) != (spec.num_tokens,):
+    if positions is not None and positions.shape[0] != spec.num_tokens:
         raise ValueError(f"positions must hold one row per image token ({spec.num_tokens}), got {tuple(positions.shape)}")
     if batch == 0:
         raise ValueError("prompt_ids is empty: pass at least one prompt")

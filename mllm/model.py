@@ -56,17 +56,6 @@ class LoraSettings:
 
 
 @dataclass
-class ImageSampling:
-    """How ``scripts/generate.py`` and ``scripts/score_demo.py`` sample images from this model unless told
-    otherwise (the fields of ``mllm.generate.SamplingConfig``)."""
-
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    cfg_scale: float = 4.0  # 1 = no guidance
-
-
-@dataclass
 class MLLMConfig:
     llm: str = MISSING  # hub id or local directory of any AutoModelForCausalLM
     vqrae: str = MISSING  # VQRAE checkpoint directory (VQRAE.save_pretrained); its K sets the image vocabulary
@@ -81,7 +70,8 @@ class MLLMConfig:
     # varies in length, so it must otherwise infer where in the grid each code falls; a small LLM trained
     # briefly (the demo) learns layouts far faster with it. Starts at zero: the LLM is unchanged at step 0.
     image_positions: bool = False
-    sampling: ImageSampling = field(default_factory=ImageSampling)
+    # How scripts/generate.py and scripts/score_demo.py sample images from this model unless told otherwise.
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
@@ -129,7 +119,6 @@ class UnifiedModel(nn.Module):
         rows = llm.get_input_embeddings().weight.shape[0]
         if rows < len(tokenizer):
             raise ValueError(f"LLM embeddings have {rows} rows but the tokenizer has {len(tokenizer)} tokens")
-        SamplingConfig(**dataclasses.asdict(cfg.sampling))  # a bad default fails here, not at generation time
         if cfg.lora.enabled and cfg.freeze_llm:
             raise ValueError("lora.enabled and freeze_llm contradict each other: pick one")
         self.cfg, self.tokenizer, self.vocab = cfg, tokenizer, vocab
@@ -350,7 +339,7 @@ class UnifiedModel(nn.Module):
 
     def sampling_config(self, seed: Optional[int] = None, **overrides) -> SamplingConfig:
         """This model's image sampling defaults (``cfg.sampling``) with ``overrides`` (e.g. ``cfg_scale=3``)."""
-        return SamplingConfig(**{**dataclasses.asdict(self.cfg.sampling), **overrides}, seed=seed)
+        return dataclasses.replace(self.cfg.sampling, seed=seed, **overrides)
 
     def image_position_table(self) -> Optional[torch.Tensor]:
         """The (N, H) table ``generate_image_codes(positions=...)`` adds to fed-back codes; None when off."""

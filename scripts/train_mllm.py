@@ -78,8 +78,8 @@ def train(cfg, resume: str | None) -> None:
         model.image_positions.requires_grad_(False)  # only code tokens use it: never trained by understanding
     groups = param_groups(model.llm.named_parameters(), optim.lr, optim.weight_decay, "llm")
     groups += param_groups(model.projector.named_parameters(), optim.lr, optim.weight_decay, "projector")
-    if model.image_positions is not None:  # a position table, not decayed (pos_embed)
-        groups += param_groups([("pos_embed", model.image_positions.weight)], optim.lr, 0.0, "image_positions")
+    if model.image_positions is not None:  # named like a pos_embed, so param_groups never decays it
+        groups += param_groups([("pos_embed", model.image_positions.weight)], optim.lr, optim.weight_decay, "image_positions")
     if not groups:
         raise TrainingError("nothing to train: every parameter is frozen")
     n_train = sum(p.numel() for g in groups for p in g["params"])  # before ZeRO-3 partitions them

@@ -81,6 +81,8 @@ def load_config(schema_cls: Type[T], path: str | None = None, overrides: Sequenc
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         raise _one_line(e, schema, "missing value") from None
+    except ValueError as e:  # a config dataclass's own __post_init__ check
+        raise ConfigError(str(e)) from None
 
 
 def to_dict(cfg: Any) -> dict:
