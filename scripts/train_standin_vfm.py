@@ -11,7 +11,7 @@ later train only on the data set's training split, whose held-out colour-shape p
 saved as a timm ``model.safetensors``, the format a real encoder is loaded from (``encoder.weights``), so
 swapping in SigLIP2 or DINOv2 is a config change only.
 
-    python scripts/train_standin_vfm.py [--out outputs/demo/vfm] [--steps 400]
+    python scripts/train_standin_vfm.py [--out outputs/demo/vfm] [--steps 400] [--device cuda]
 """
 from __future__ import annotations
 
@@ -74,12 +74,15 @@ def main() -> None:
     ap.add_argument("--pixel-weight", type=float, default=50.0, help="weight of the per-patch pixel regression")
     ap.add_argument("--patch-weight", type=float, default=1.0, help="weight of the per-patch colour and shape losses")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     import timm
     from safetensors.torch import save_file
 
     torch.manual_seed(args.seed)
-    x, labels, patch_targets = draw(args.images, args.seed)
+    dev = torch.device(args.device)
+    x, labels, patch_targets = (t.to(dev) if torch.is_tensor(t) else {k: v.to(dev) for k, v in t.items()}
+                                for t in draw(args.images, args.seed))
     kw = {k: v for k, v in ARCH.items() if k != "name"}
     vit = timm.create_model(ARCH["name"], pretrained=False, num_classes=0, **kw)
     d = vit.num_features
@@ -88,6 +91,8 @@ def main() -> None:
     # each token also predicts its own pixels, so patch features keep the detail a decoder needs
     p = ARCH["patch_size"]
     pixel_head = nn.Linear(d, p * p * 3)
+    for m in (vit, heads, patch_heads, pixel_head):
+        m.to(dev)
     params = [*vit.parameters(), *heads.parameters(), *patch_heads.parameters(), *pixel_head.parameters()]
     g = ARCH["img_size"] // p
     pixels = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(x.shape[0], g * g, 3 * p * p)
@@ -95,7 +100,7 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     t0 = time.time()
     for step in range(1, args.steps + 1):
-        idx = torch.randint(0, x.shape[0], (args.batch_size,))
+        idx = torch.randint(0, x.shape[0], (args.batch_size,)).to(dev)
         # images in [-1, 1] are the encoder adapter's input after mean = std = 0.5 (set in the demo config)
         tokens = vit.forward_features(x[idx])[:, vit.num_prefix_tokens:]  # (B, N, D)
         pooled = pool(tokens)
@@ -114,7 +119,7 @@ def main() -> None:
             print(f"step {step} loss {loss.item():.3f} " + " ".join(f"{k}={v:.2f}" for k, v in acc.items())
                   + f" ({time.time() - t0:.0f}s)", flush=True)
     # check on fresh pictures, including the data set's held-out colour-shape pairs
-    xt, lt, pt = draw(500, args.seed + 1)
+    xt, lt, pt = (t.to(dev) if torch.is_tensor(t) else {k: v.to(dev) for k, v in t.items()} for t in draw(500, args.seed + 1))
     with torch.no_grad():
         tokens = vit.forward_features(xt)[:, vit.num_prefix_tokens:]
         pooled = pool(tokens)
@@ -125,7 +130,7 @@ def main() -> None:
     print("accuracy on fresh pictures: " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
     os.makedirs(args.out, exist_ok=True)
     tmp = os.path.join(args.out, "model.safetensors.tmp")
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}, tmp)
     os.replace(tmp, os.path.join(args.out, "model.safetensors"))
     with open(os.path.join(args.out, "arch.json"), "w") as f:
         json.dump({**ARCH, "accuracy": acc}, f, indent=1)

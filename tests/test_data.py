@@ -172,6 +172,27 @@ def test_text_columns_and_missing_values(tmp_path):
         build_dataloader(DataConfig(source=str(folder), text_columns=["label_x"]), 2, cache_dir=str(tmp_path / "c"))
 
 
+def test_split_folders_load_their_own_rows_as_split_inference_does(tmp_path):
+    import datasets
+
+    from vqrae.data import open_source
+
+    root = tmp_path / "splits"
+    for split, n in (("train", 5), ("test", 3)):
+        (root / split).mkdir(parents=True)
+        with open(root / split / "metadata.jsonl", "w") as f:
+            for i in range(n):
+                _noise(12, 12, i).save(root / split / f"{i}.png")
+                f.write(json.dumps({"file_name": f"{i}.png", "caption": f"{split} {i}"}) + "\n")
+    for split, n in (("train", 5), ("test", 3)):
+        cfg = DataConfig(source=str(root), split=split, text_columns=["caption"])
+        rows = open_source(cfg, cache_dir=str(tmp_path / "cache"))
+        inferred = datasets.load_dataset("imagefolder", data_dir=str(root), split=split, cache_dir=str(tmp_path / "c2"))
+        assert sorted(rows["caption"]) == sorted(inferred["caption"]) == [f"{split} {i}" for i in range(n)]
+    with pytest.raises(ValueError):  # a split with no folder is still an error, not an empty data set
+        open_source(DataConfig(source=str(root), split="validation"), cache_dir=str(tmp_path / "cache"))
+
+
 def test_collate_with_only_bad_rows():
     batch = collate([{"index": 0, "status": "empty", "sampler_state": None}])
     assert len(batch) == 0 and batch.pixels.shape[0] == 0 and batch.data_stats == Counter({"empty": 1})

@@ -6,8 +6,8 @@ import torch
 from vqrae import VQRAE
 from vqrae.losses import LossConfig
 from vqrae.trainer import (
-    TokenizerTrainConfig, build_discriminator, discriminator_loss, generator_loss, make_teacher, set_stage,
-    tokenizer_param_groups,
+    TokenizerTrainConfig, build_discriminator, discriminator_loss, feature_moments, generator_loss, make_teacher,
+    moments_to_stats, set_stage, tokenizer_param_groups,
 )
 from vqrae.training import (
     EMA, Checkpointer, NonFiniteGuard, OptimConfig, RunConfig, TrainingError, deepspeed_config, param_groups,
@@ -176,3 +176,18 @@ def test_nonfinite_guard_skips_then_aborts():
     with pytest.raises(TrainingError, match="at step 3; last good checkpoint: ck/step_1"):
         g.check(torch.tensor(float("nan")), 3, "ck/step_1")
     assert g.total == 3
+
+
+def test_feature_moments_match_brute_force_and_stay_on_the_features_device():
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 5, 3), torch.randn(4, 5, 3)]
+    total, sq, count = feature_moments(torch.nn.Identity(), iter(batches))
+    flat = torch.cat([b.flatten(0, 1) for b in batches])
+    assert count.item() == flat.shape[0]
+    mean, std = moments_to_stats(total, sq, count)
+    torch.testing.assert_close(mean, flat.mean(0))
+    torch.testing.assert_close(std, flat.std(0, unbiased=False))
+    # on an accelerator the three are concatenated for one all-reduce: all must live where the features do
+    total, sq, count = feature_moments(torch.nn.Identity(), iter([torch.empty(2, 5, 3, device="meta")]))
+    assert {t.device.type for t in (total, sq, count)} == {"meta"}
+    torch.cat([total, sq, count.view(1)])

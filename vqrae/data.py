@@ -356,6 +356,11 @@ def open_source(cfg: DataConfig, cache_dir: str | None = None) -> datasets.Datas
         if not files:
             raise ValueError(f"no shards match {cfg.source}")
         rows = datasets.load_dataset("webdataset", data_files={cfg.split: files}, **kwargs)
+    elif os.path.isdir(os.path.join(cfg.source, cfg.split)):
+        # a local folder with one sub-folder per split: naming the split's files skips the split-name inference
+        # over every file of the folder, seconds per load on a few thousand images
+        files = {cfg.split: os.path.join(cfg.source, cfg.split, "**")}
+        rows = datasets.load_dataset("imagefolder", data_files=files, **kwargs)
     elif os.path.isdir(cfg.source):
         rows = datasets.load_dataset("imagefolder", data_dir=cfg.source, **kwargs)
     else:

@@ -88,7 +88,7 @@ def feature_moments(encoder: nn.Module, batches) -> tuple[torch.Tensor, torch.Te
     total = sq = count = None
     for images in batches:
         f = encoder(images).float().flatten(0, 1)  # (B*N, D)
-        s, s2, n = f.sum(0), f.pow(2).sum(0), torch.tensor(float(f.shape[0]))
+        s, s2, n = f.sum(0), f.pow(2).sum(0), torch.tensor(float(f.shape[0]), device=f.device)
         total, sq, count = (s, s2, n) if total is None else (total + s, sq + s2, count + n)
     return total, sq, count
 
