@@ -2,7 +2,9 @@
 
     python scripts/score_demo.py [--model outputs/demo/mllm/model] [--data data/shapes] [--out outputs/demo/score.json]
 
-- tokenizer: PSNR of reconstructions and codebook use over every held-out image;
+- tokenizer: PSNR of reconstructions and codebook use over every held-out image, and whether each reconstruction
+  still shows its picture's colour, shape, position and size (judged from pixels like generated images: the
+  ceiling for generation);
 - generation: images for held-out captions, judged from their pixels (vqrae.shapes.classify): does the colour,
   shape, position and size match the caption?
 - understanding: every question about held-out images, exact-match answer accuracy.
@@ -60,12 +62,21 @@ def main(argv=None) -> None:
 
     # tokenizer over every held-out image
     tok = evaluate(vq, build_eval_loader(eval_data_config(args.data, "test", vq.image_size), batch_size=50))
-    first = [np.asarray(Image.open(os.path.join(args.data, "test", r["file_name"])).convert("RGB")) for r in rows[:8]]
-    test_imgs = torch.from_numpy(np.stack(first)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        recon = vq(test_imgs).reconstruction.clamp(-1, 1)
+    # what the codes keep: each held-out picture decoded from its own codes and read back from pixels, the
+    # ceiling for generated images judged the same way
+    test_imgs, recon = [], []
+    for i in range(0, len(rows), 50):
+        batch = [np.asarray(Image.open(os.path.join(args.data, "test", r["file_name"])).convert("RGB")) for r in rows[i : i + 50]]
+        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            recon.append(vq(x).reconstruction.clamp(-1, 1))
+        test_imgs.append(x)
+    test_imgs, recon = torch.cat(test_imgs), torch.cat(recon)
+    truth = [shapes.ShapeAttrs(r["shape"], r["colour"], r["size"], r["position"], r["background"]) for r in rows]
+    recon_score = shapes.score(list(to_uint8(recon).permute(0, 2, 3, 1).numpy()), truth)
     os.makedirs(args.grid_dir, exist_ok=True)
-    save_png(image_grid(to_uint8(torch.cat([test_imgs, recon])), columns=8), os.path.join(args.grid_dir, "reconstructions.png"))
+    grid = torch.cat([test_imgs[:8], recon[:8]])
+    save_png(image_grid(to_uint8(grid), columns=8), os.path.join(args.grid_dir, "reconstructions.png"))
 
     # generation for held-out captions
     gen_rows = rows[: args.prompts]
@@ -91,7 +102,8 @@ def main(argv=None) -> None:
 
     result = {
         "tokenizer": {"psnr": tok["psnr"], "codebook_usage_pct": tok["codebook_usage_pct"],
-                      "perplexity": tok["perplexity"], "codebook_size": vq.codebook_size, "images": tok["count"]},
+                      "perplexity": tok["perplexity"], "codebook_size": vq.codebook_size, "images": tok["count"],
+                      "reconstruction_match": recon_score},
         "generation": {**gen_score, "prompts": len(gen_rows), "cfg": sampling.cfg_scale,
                        "temperature": sampling.temperature, "top_k": sampling.top_k},
         "understanding": {"accuracy": sum(answers) / max(1, len(answers)), "questions": len(answers),
@@ -106,6 +118,7 @@ def main(argv=None) -> None:
         "| held-out split | metric | value |", "|---|---|---|",
         f"| tokenizer | PSNR (dB) | {t['psnr']:.2f} |",
         f"| tokenizer | codebook use (K={t['codebook_size']}) | {t['codebook_usage_pct']:.1f} % |",
+        *[f"| tokenizer | reconstructions: {k} match | {100 * t['reconstruction_match'][k]:.1f} % |" for k in ("colour", "shape", "position", "size")],
         *[f"| generation ({g['prompts']} prompts) | {k} match | {100 * g[k]:.1f} % |" for k in ("colour", "shape", "position", "size", "all")],
         f"| understanding ({u['questions']} questions) | answer accuracy | {100 * u['accuracy']:.1f} % |",
         *[f"| understanding | {k} questions | {100 * v:.1f} % |" for k, v in u.items() if k not in ("accuracy", "questions")],
