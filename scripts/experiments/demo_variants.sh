@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Variants of the built-in demo, each a whole pipeline (stand-in encoder -> tokenizer stages 1 and 2 -> MLLM ->
+# scores) in its own folder, all at once: the table of docs/demo_study.md. Meant for a machine with spare cores
+# and a GPU (8 variants took ~7 minutes on one H100 with 16 cores); on a laptop run one variant at a time.
+#
+#   bash scripts/experiments/demo_variants.sh [OUT_DIR] [VARIANT ...]    # default: every variant, outputs/variants
+#
+# Each variant is: name | encoder flags | tokenizer overrides (both stages) | stage-2 overrides | MLLM overrides.
+# The data and the demo LLM come from scripts/make_demo_data.py and scripts/make_demo_llm.py as in the demo.
+# Scores land in OUT_DIR/NAME/score.json and one table per variant in OUT_DIR/summary.md.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=${1:-outputs/variants}; shift || true
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+PY=${PYTHON:-python}
+
+VARIANTS=(
+  "defaults|||"
+  "encoder_attr1|--attr-weight 1.0|||"
+  "tokenizer_l1||loss.recon=l1||"
+  "codebook_512||model.quantizer.codebook_size=512||"
+  "long_encoder_tokenizer|--steps 1200|run.steps=2500 run.save_every=2500|run.steps=300 run.save_every=300|"
+  "long_mllm||||run.steps=2400 run.save_every=2400"
+  "long_everything_attr1|--steps 1200 --attr-weight 1.0|run.steps=2500 run.save_every=2500|run.steps=300 run.save_every=300|run.steps=2400 run.save_every=2400"
+  "encoder_1000|--steps 1000|||"
+)
+
+one() {  # NAME ENCODER_FLAGS TOKENIZER_OVERRIDES STAGE2_OVERRIDES MLLM_OVERRIDES
+  local name=$1 w=$out/$1
+  mkdir -p "$w"
+  # shellcheck disable=SC2086  # the flag strings are word lists
+  {
+    $PY scripts/train_standin_vfm.py --out "$w/vfm" $2 &&
+    $PY scripts/train_tokenizer.py --config configs/tokenizer/demo_stage1.yaml model.encoder.weights="$w/vfm/model.safetensors" \
+      run.output_dir="$w/tokenizer_stage1" run.image_every=0 $3 &&
+    $PY scripts/train_tokenizer.py --config configs/tokenizer/demo_stage2.yaml init_from="$w/tokenizer_stage1/model" \
+      model.encoder.weights="$w/vfm/model.safetensors" run.output_dir="$w/tokenizer" run.image_every=0 $3 $4 &&
+    $PY scripts/train_mllm.py --config configs/mllm/demo.yaml model.vqrae="$w/tokenizer/model" run.output_dir="$w/mllm" $5 &&
+    $PY scripts/score_demo.py --model "$w/mllm/model" --out "$w/score.json" --grid-dir "$w"
+  } > "$w/log" 2>&1 || { echo "$name failed: see $w/log"; return 1; }
+  { echo "### $name"; echo; grep "^|" "$w/log" || true; echo; } > "$w/summary.md"
+  echo "$name done"
+}
+
+$PY scripts/make_demo_data.py
+$PY scripts/make_demo_llm.py
+mkdir -p "$out"
+pids=()
+for spec in "${VARIANTS[@]}"; do
+  IFS='|' read -r name enc tok tok2 mllm <<< "$spec"
+  if [ $# -gt 0 ] && [[ ! " $* " == *" $name "* ]]; then continue; fi
+  one "$name" "$enc" "$tok" "$tok2" "$mllm" &
+  pids+=($!)
+done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=1; done
+cat "$out"/*/summary.md > "$out/summary.md" 2>/dev/null || true
+echo "tables in $out/summary.md"
+exit $status
