@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Variants of the built-in demo, each a whole pipeline (stand-in encoder -> tokenizer stages 1 and 2 -> MLLM ->
 # scores) in its own folder, all at once: the table of docs/demo_study.md. Meant for a machine with spare cores
-# and a GPU (8 variants took ~7 minutes on one H100 with 16 cores); on a laptop run one variant at a time.
+# and a GPU (on one H100 with 16 cores, eight at once: the short variants finished in about 5 minutes, the long
+# tokenizer ones need more than 8); on a laptop run one variant at a time.
 #
 #   bash scripts/experiments/demo_variants.sh [OUT_DIR] [VARIANT ...]    # default: every variant, outputs/variants
 #
