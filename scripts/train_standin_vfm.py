@@ -58,6 +58,12 @@ def draw(num: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], to
     return x, labels, torch.stack([patch_colour, patch_shape], -1)
 
 
+def to_device(drawn: tuple, device: torch.device) -> tuple:
+    """``draw``'s images, label dict and patch targets on ``device``."""
+    x, labels, patch_targets = drawn
+    return x.to(device), {k: v.to(device) for k, v in labels.items()}, patch_targets.to(device)
+
+
 def pool(tokens: torch.Tensor) -> torch.Tensor:
     """Mean and max over patches: the max keeps a small shape's signal from drowning in background."""
     return torch.cat([tokens.mean(1), tokens.amax(1)], -1)
@@ -81,8 +87,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
-    x, labels, patch_targets = (t.to(dev) if torch.is_tensor(t) else {k: v.to(dev) for k, v in t.items()}
-                                for t in draw(args.images, args.seed))
+    x, labels, patch_targets = to_device(draw(args.images, args.seed), dev)
     kw = {k: v for k, v in ARCH.items() if k != "name"}
     vit = timm.create_model(ARCH["name"], pretrained=False, num_classes=0, **kw)
     d = vit.num_features
@@ -119,7 +124,7 @@ def main() -> None:
             print(f"step {step} loss {loss.item():.3f} " + " ".join(f"{k}={v:.2f}" for k, v in acc.items())
                   + f" ({time.time() - t0:.0f}s)", flush=True)
     # check on fresh pictures, including the data set's held-out colour-shape pairs
-    xt, lt, pt = (t.to(dev) if torch.is_tensor(t) else {k: v.to(dev) for k, v in t.items()} for t in draw(500, args.seed + 1))
+    xt, lt, pt = to_device(draw(500, args.seed + 1), dev)
     with torch.no_grad():
         tokens = vit.forward_features(xt)[:, vit.num_prefix_tokens:]
         pooled = pool(tokens)
