@@ -40,6 +40,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _attrs(row: dict):
+    from vqrae import shapes
+
+    return shapes.ShapeAttrs(*(row[f] for f in ("shape", "colour", "size", "position", "background")))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     meta = os.path.join(args.data, "test", "metadata.jsonl")
@@ -47,7 +53,6 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: no held-out split at {meta}; run scripts/make_demo_data.py first")
     if not os.path.isdir(args.model):
         raise SystemExit(f"error: no model at {args.model}; run bash scripts/run_demo.sh first")
-    import numpy as np
     import torch
     from PIL import Image
 
@@ -60,20 +65,15 @@ def main(argv=None) -> None:
     vq = model.vqrae
     t0 = time.time()
 
-    # tokenizer over every held-out image
-    tok = evaluate(vq, build_eval_loader(eval_data_config(args.data, "test", vq.image_size), batch_size=50))
-    # what the codes keep: each held-out picture decoded from its own codes and read back from pixels, the
-    # ceiling for generated images judged the same way
-    test_imgs, recon = [], []
-    for i in range(0, len(rows), 50):
-        batch = [np.asarray(Image.open(os.path.join(args.data, "test", r["file_name"])).convert("RGB")) for r in rows[i : i + 50]]
-        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        with torch.no_grad():
-            recon.append(vq(x).reconstruction.clamp(-1, 1))
-        test_imgs.append(x)
-    test_imgs, recon = torch.cat(test_imgs), torch.cat(recon)
-    truth = [shapes.ShapeAttrs(r["shape"], r["colour"], r["size"], r["position"], r["background"]) for r in rows]
-    recon_score = shapes.score(list(to_uint8(recon).permute(0, 2, 3, 1).numpy()), truth)
+    # tokenizer over every held-out image, and what its codes keep: each picture decoded from its own codes and
+    # read back from pixels, the ceiling for generated images judged the same way
+    batches = list(build_eval_loader(eval_data_config(args.data, "test", vq.image_size), batch_size=50))
+    tok = evaluate(vq, batches)
+    with torch.no_grad():
+        recon = torch.cat([vq(b.pixels).reconstruction.clamp(-1, 1) for b in batches])
+    test_imgs = torch.cat([b.pixels for b in batches])
+    kept = [rows[i] for b in batches for i in b.index.tolist()]
+    recon_score = shapes.score(list(to_uint8(recon).permute(0, 2, 3, 1).numpy()), [_attrs(r) for r in kept])
     os.makedirs(args.grid_dir, exist_ok=True)
     grid = torch.cat([test_imgs[:8], recon[:8]])
     save_png(image_grid(to_uint8(grid), columns=8), os.path.join(args.grid_dir, "reconstructions.png"))
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     sampling = model.sampling_config(**{k: v for k, v in flags.items() if v is not None})
     gen = generate_images(model, [r["caption"] for r in gen_rows], sampling, num_images=1, batch_size=32,
                           generator=torch.Generator().manual_seed(args.seed))
-    want = [shapes.ShapeAttrs(r["shape"], r["colour"], r["size"], r["position"], r["background"]) for r in gen_rows]
+    want = [_attrs(r) for r in gen_rows]
     gen_score = shapes.score(list(to_uint8(gen.images).permute(0, 2, 3, 1).numpy()), want)
     save_png(image_grid(to_uint8(gen.images[:32]), columns=8), os.path.join(args.grid_dir, "generated.png"))
     with open(os.path.join(args.grid_dir, "generated_prompts.txt"), "w") as f:
