@@ -83,6 +83,7 @@ class MLLMDataConfig:
     resolution: Optional[int] = None  # square side given to the VQRAE; None: its encoder's image_size
     seed: int = 0  # data order, caption dropout and task schedule
     num_workers: int = 4  # DataLoader workers per task
+    cache_images: bool = False  # keep decoded images in memory after an epoch (small data sets: the demo's)
 
 
 @dataclass
@@ -313,7 +314,7 @@ def task_rows(cfg: MLLMDataConfig, task: str, model: UnifiedModel) -> Dataset:
                                 cfg_dropout=cfg.cfg_dropout, loss_on_text=cfg.loss_on_text, seed=cfg.seed)
             return ExampleRows(rows, GENERATION, **common, resolution=resolution, text_column=src.caption_column,
                                image_column=src.image_column, cfg_dropout=cfg.cfg_dropout,
-                               loss_on_text=cfg.loss_on_text, seed=cfg.seed)
+                               loss_on_text=cfg.loss_on_text, seed=cfg.seed, cache_images=cfg.cache_images)
         src = cfg.understanding
         root = src.image_root
         if src.source.endswith((".json", ".jsonl")) and os.path.isfile(src.source):
@@ -322,7 +323,8 @@ def task_rows(cfg: MLLMDataConfig, task: str, model: UnifiedModel) -> Dataset:
         else:
             rows = open_image_text(src.source, src.conversation_column, src.image_column, src.split)
         return ExampleRows(rows, UNDERSTANDING, **common, resolution=resolution, text_column=src.conversation_column,
-                           image_column=src.image_column, image_root=root, seed=cfg.seed)
+                           image_column=src.image_column, image_root=root, seed=cfg.seed,
+                           cache_images=cfg.cache_images)
     except ValueError as err:
         raise TrainingError(f"data.{task}: {str(err).splitlines()[0]}") from None
 

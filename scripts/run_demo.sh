@@ -23,8 +23,9 @@ if [ "${VQRAE_DEMO_QUICK:-0}" = 1 ]; then
 fi
 
 step python scripts/make_demo_data.py "${data[@]}"
+python scripts/make_demo_llm.py & llm=$!  # a few seconds of mostly imports, beside the encoder's training
 step python scripts/train_standin_vfm.py "${vfm[@]}"
-step python scripts/make_demo_llm.py
+wait "$llm"
 step deepspeed --num_gpus 1 --master_port "${VQRAE_DEMO_PORT:-29500}" scripts/train_tokenizer.py --config configs/tokenizer/demo_stage1.yaml "${tok1[@]}"
 step deepspeed --num_gpus 1 --master_port "${VQRAE_DEMO_PORT:-29500}" scripts/train_tokenizer.py --config configs/tokenizer/demo_stage2.yaml "${tok2[@]}"
 step deepspeed --num_gpus 1 --master_port "${VQRAE_DEMO_PORT:-29500}" scripts/train_mllm.py --config configs/mllm/demo.yaml "${mllm[@]}"

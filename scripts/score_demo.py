@@ -1,4 +1,4 @@
-"""Score the demo model on the shapes data set's held-out split (colour-shape pairs never seen in training).
+"""Score the demo model on the shapes data set's held-out split (attribute combinations never seen in training).
 
     python scripts/score_demo.py [--model outputs/demo/mllm/model] [--data data/shapes] [--out outputs/demo/score.json]
 

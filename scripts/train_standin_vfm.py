@@ -7,11 +7,11 @@ pooled tokens, so patch features carry meaning and the detail a pixel decoder ne
 (``--pixel-weight`` 50 against ``--attr-weight`` 0.1): with attribute prediction in charge, the patch tokens
 spread over global context, a 256-code quantizer of them keeps ~21 dB of the pictures instead of ~24. Like a foundation model that has seen the
 world, it learns from freshly drawn pictures of *every* attribute combination; the tokenizer and the MLLM
-later train only on the data set's training split, whose held-out colour-shape pairs they never see. It is
+later train only on the data set's training split, whose held-out combinations they never see. It is
 saved as a timm ``model.safetensors``, the format a real encoder is loaded from (``encoder.weights``), so
 swapping in SigLIP2 or DINOv2 is a config change only.
 
-    python scripts/train_standin_vfm.py [--out outputs/demo/vfm] [--steps 400] [--device cuda]
+    python scripts/train_standin_vfm.py [--out outputs/demo/vfm] [--steps 1000] [--device cuda]
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=4000, help="pictures drawn for training")
     ap.add_argument("--out", default="outputs/demo/vfm")
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--attr-weight", type=float, default=0.1, help="weight of the pooled attribute losses")
@@ -123,7 +123,7 @@ def main() -> None:
                 acc = {k: (heads[k](pooled).argmax(-1) == labels[k][idx]).float().mean().item() for k in HEADS}
             print(f"step {step} loss {loss.item():.3f} " + " ".join(f"{k}={v:.2f}" for k, v in acc.items())
                   + f" ({time.time() - t0:.0f}s)", flush=True)
-    # check on fresh pictures, including the data set's held-out colour-shape pairs
+    # check on fresh pictures of every combination, the data set's held-out ones included
     xt, lt, pt = to_device(draw(500, args.seed + 1), dev)
     with torch.no_grad():
         tokens = vit.forward_features(xt)[:, vit.num_prefix_tokens:]

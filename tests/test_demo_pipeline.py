@@ -29,12 +29,13 @@ def test_quick_demo_runs_every_step_and_beats_chance(tmp_path):
     score = json.loads((tmp_path / "outputs" / "demo" / "score.json").read_text())
     tok, gen, und = score["tokenizer"], score["generation"], score["understanding"]
     assert tok["codebook_size"] == 256 and tok["codebook_usage_pct"] > 50
-    # held-out pictures decoded from their own codes keep their colour and cell (quick run: 98 % and 100 %)
+    # held-out pictures decoded from their own codes keep their colour and cell (quick run: 100 % and 100 %)
     assert tok["reconstruction_match"]["colour"] >= 0.8 and tok["reconstruction_match"]["position"] >= 0.9, score
-    # Answers about held-out pictures (colour-shape pairs never trained on). 8 colours: chance is 12.5 %; the
-    # quick run (600 MLLM steps) answers 100 % of colour questions, like the full demo.
-    assert und["colour"] >= 0.5, score
+    # Colour, asked and drawn, for held-out pictures and captions ((colour, shape, position) combinations never
+    # trained on). 8 colours: chance is 12.5 %; the quick run (600 MLLM steps) answers 75 % of colour questions
+    # and draws 41 % of the colours right, the full demo 100 % and 95 %.
+    assert und["colour"] >= 0.5 and gen["colour"] >= 0.3, score
     assert und["background"] >= 0.9 and gen["background"] >= 0.7, score  # 2 backgrounds: chance 50 %
-    # Images for held-out captions put the shape in the named cell of the 3 x 3 grid (chance 11 %): the quick run
-    # places 81 % (its weaker tokenizer gets only 22 % of the colours right), the full demo 100 %.
-    assert gen["position"] >= 0.5, score
+    # Images put the shape in the named cell of the 3 x 3 grid (chance 11 %) although that colour-shape pair was
+    # never drawn there in training: the quick run places 59 %, the full demo 97 %.
+    assert gen["position"] >= 0.35, score

@@ -241,6 +241,37 @@ def test_cfg_dropout_in_rows_is_fixed_by_seed_epoch_and_row(image_folder):
     assert 5 < sum(draws) < 35  # epochs draw afresh
 
 
+def test_cached_rows_equal_fresh_ones_and_decode_each_image_once(image_folder, monkeypatch):
+    import mllm.data as data
+
+    tok = make_tokenizer()
+    vocab = add_image_tokens(tok, K)
+    common = dict(tokenizer=tok, vocab=vocab, num_tokens=N, resolution=32, cfg_dropout=0.5)
+    real_load = data.load_image
+    for task, column in (("generation", "caption"), ("understanding", "questions")):
+        source = open_image_text(image_folder, column)
+        keys = [SampleKey(i, epoch, 0) for epoch in range(3) for i in range(len(source))]
+        fresh = [ExampleRows(source, task, text_column=column, **common)[k] for k in keys]
+        decoded = []
+        monkeypatch.setattr(data, "load_image", lambda value, **kw: (decoded.append(value), real_load(value, **kw))[1])
+        cached_rows = ExampleRows(source, task, text_column=column, cache_images=True, **common)
+        cached = [cached_rows[k] for k in keys]
+        monkeypatch.setattr(data, "load_image", real_load)
+        for want, got in zip(fresh, cached):
+            assert type(want) is type(got) and want.status == got.status
+            if isinstance(want, Skipped):
+                continue
+            assert got.input_ids == want.input_ids and got.labels == want.labels
+            for name in ("image", "code_image"):
+                a, b = getattr(want, name), getattr(got, name)
+                assert (a is None and b is None) or torch.equal(a, b)
+        # a good image is decoded once, on its first fetch; a broken one on every fetch (nothing to keep);
+        # a row without text never reaches its image
+        good = {k.index for k, ex in zip(keys, fresh) if not isinstance(ex, Skipped)}
+        broken = [k for k, ex in zip(keys, fresh) if isinstance(ex, Skipped) and ex.status == "not_an_image"]
+        assert good and broken and len(decoded) == len(good) + len(broken)
+
+
 def test_llava_json_rows(tmp_path):
     _png(tmp_path / "a.png", 0)
     good = [{"from": "human", "value": "<image>\nwhat is in the image ?"}, {"from": "gpt", "value": "a red cat"}]

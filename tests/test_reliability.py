@@ -598,3 +598,21 @@ def test_no_unsafe_loading_in_the_package_and_scripts():
         for name in files:
             with open(os.path.join(folder, name), encoding="utf-8") as f:
                 assert not re.search(r"trust_remote_code\W+true", f.read(), re.IGNORECASE), name
+
+
+def test_cpu_training_builds_no_shared_memory_op(tmp_path):
+    """Training never calls DeepSpeed's CPU shared-memory all-reduce: init_distributed compiles nothing (on a fresh
+    machine that op took ~30 s of every first run) and leaves DeepSpeed's op table as it found it."""
+    code = (
+        "import deepspeed, deepspeed.comm.comm as comm\n"
+        "from vqrae.training import SHM_OP, init_distributed\n"
+        "before = dict(deepspeed.ops.__compatible_ops__)\n"
+        "rank, world, _ = init_distributed()\n"
+        "print(rank, world, comm.cdb.shm_comm_op is None, dict(deepspeed.ops.__compatible_ops__) == before)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "0 1 True True", proc.stdout[-2000:]
+    assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").iterdir())

@@ -52,21 +52,40 @@ def test_render_draws_the_shape_where_it_says():
     small = S.render(S.ShapeAttrs("square", "red", "small", "center", "black"), 66)
     large = S.render(S.ShapeAttrs("square", "red", "large", "center", "black"), 66)
     area = [int((np.asarray(im)[..., 0] == 255).sum()) for im in (small, large)]
-    assert area[1] / area[0] == pytest.approx((0.9 / 0.6) ** 2, rel=0.15)
+    assert area[1] / area[0] == pytest.approx((S.SIZES["large"] / S.SIZES["small"]) ** 2, rel=0.15)
 
 
-def test_held_out_pairs_never_in_train_and_every_attribute_still_is():
+@pytest.mark.parametrize("scheme", sorted(S.HELD_OUT))
+def test_held_out_combinations_never_in_train_and_every_attribute_still_is(scheme):
     rng = random.Random(0)
-    train = [S.sample_attrs(rng, "train") for _ in range(3000)]
-    test = [S.sample_attrs(rng, "test") for _ in range(300)]
-    assert not {(a.colour, a.shape) for a in train} & S.HELD_OUT
-    assert {(a.colour, a.shape) for a in test} == set(S.HELD_OUT)
-    assert {a.colour for a in train} == set(S.COLOURS) and {a.shape for a in train} == set(S.SHAPES)
-    assert {(a.colour, a.shape) for a in train} | S.HELD_OUT == set(itertools.product(S.COLOURS, S.SHAPES))
-    for field, values in (("size", S.SIZES), ("position", S.POSITIONS), ("background", S.BACKGROUNDS)):
+    train = [S.sample_attrs(rng, "train", scheme) for _ in range(3000)]
+    test = [S.sample_attrs(rng, "test", scheme) for _ in range(600)]
+    held = S.HELD_OUT[scheme]
+    assert not {S.held_out_key(a, scheme) for a in train} & held
+    assert {S.held_out_key(a, scheme) for a in test} == set(held)
+    seen = {S.held_out_key(a, scheme) for a in train}
+    assert seen | held == {S.held_out_key(a, scheme) for a in ALL_ATTRS}  # nothing else is missing from training
+    for field, values in (("colour", S.COLOURS), ("shape", S.SHAPES), ("size", S.SIZES), ("position", S.POSITIONS),
+                          ("background", S.BACKGROUNDS)):
+        assert {getattr(a, field) for a in train} == set(values)
         assert {getattr(a, field) for a in test} == set(values)
-    with pytest.raises(ValueError):
-        S.sample_attrs(rng, "validation")
+    with pytest.raises(ValueError, match="split must be"):
+        S.sample_attrs(rng, "validation", scheme)
+
+
+def test_placement_scheme_only_holds_out_places():
+    held = S.HELD_OUT["placements"]
+    # every colour-shape pair is held out at exactly one position, so every pair is still seen in training
+    assert sorted((c, s) for c, s, _ in held) == sorted(itertools.product(S.COLOURS, S.SHAPES))
+    for c in S.COLOURS:  # each colour and each shape loses distinct positions
+        assert len({p for c2, _, p in held if c2 == c}) == len(S.SHAPES)
+    for s in S.SHAPES:
+        assert len({p for _, s2, p in held if s2 == s}) == len(S.COLOURS)
+    assert {p for *_, p in held} == set(S.POSITIONS)
+    with pytest.raises(ValueError, match="held_out must be one of"):
+        S.sample_attrs(random.Random(0), "train", "colours")
+    with pytest.raises(ValueError, match="held_out must be one of"):
+        S.held_out_key(S.ShapeAttrs("circle", "red", "small", "top", "black"), "shapes")
 
 
 def test_captions_and_questions_name_every_attribute():
@@ -136,8 +155,9 @@ def test_write_imagefolder_loads_with_datasets(tmp_path):
     # every row asks all five questions, in an order that varies, so the first answer is not always the colour
     firsts = {r["questions"][0]["question"] for r in ds["train"]}
     assert len(firsts) >= 3 and all(len(r["questions"]) == 5 for r in ds["train"])
-    assert all((r["colour"], r["shape"]) not in S.HELD_OUT for r in ds["train"].select_columns(["colour", "shape"]))
-    assert all((r["colour"], r["shape"]) in S.HELD_OUT for r in ds["test"].select_columns(["colour", "shape"]))
+    keys = ["colour", "shape", "position"]
+    assert all(tuple(r[k] for k in keys) not in S.HELD_OUT["placements"] for r in ds["train"].select_columns(keys))
+    assert all(tuple(r[k] for k in keys) in S.HELD_OUT["placements"] for r in ds["test"].select_columns(keys))
     attrs = S.ShapeAttrs(row["shape"], row["colour"], row["size"], row["position"], row["background"])
     assert np.array_equal(np.asarray(row["image"]), np.asarray(S.render(attrs, 32)))
 
@@ -157,6 +177,12 @@ def test_write_imagefolder_is_deterministic_and_skips_identical_work(tmp_path):
     S.write_imagefolder(str(a), 5, 4, seed=2)  # new arguments: rewritten
     assert len(os.listdir(a / "train")) == 5 + 1
     assert (a / "train" / "metadata.jsonl").read_text() != (b / "train" / "metadata.jsonl").read_text()
+    S.write_imagefolder(str(a), 5, 40, seed=2, held_out="pairs")  # another scheme: rewritten, pairs held out
+    rows = [json.loads(line) for line in (a / "test" / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and {(r["colour"], r["shape"]) for r in rows} <= S.HELD_OUT["pairs"]
+    assert json.loads((a / "shapes.json").read_text())["held_out"] == "pairs"
+    with pytest.raises(ValueError, match="held_out must be one of"):
+        S.write_imagefolder(str(a), 5, 4, held_out="sizes")
     foreign = tmp_path / "foreign"
     (foreign / "train").mkdir(parents=True)
     (foreign / "train" / "mine.png").write_bytes(b"")

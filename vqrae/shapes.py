@@ -1,10 +1,16 @@
 """Procedurally drawn demo data: one coloured shape per image, with captions, questions and a scorer.
 
 Each image shows one of 6 shapes in one of 8 colours, small or large, centred in one cell of a 3x3 grid,
-on a black or gray background. A fixed set of (colour, shape) pairs, ``HELD_OUT``, never appears in
-training; the test split uses only those pairs, so it measures whether a model composes attributes it
-has seen separately. ``classify`` reads the attributes back from pixels, so generated or reconstructed
-images can be scored without any learned model.
+on a black or gray background. The test split holds attribute combinations that never appear in training,
+so it measures whether a model composes attributes it has seen separately. Two schemes (``HELD_OUT``):
+
+- ``"placements"`` (the default): every colour-shape pair loses one position of the grid, 48 (colour, shape,
+  position) triples in all. Each test picture shows a pair seen elsewhere, at a place where it never was.
+- ``"pairs"``: every colour loses one shape, 8 (colour, shape) pairs in all, never seen anywhere in
+  training. Harder: a model must draw, say, a red circle having seen red only on other shapes.
+
+``classify`` reads the attributes back from pixels, so generated or reconstructed images can be scored
+without any learned model.
 """
 from __future__ import annotations
 
@@ -33,16 +39,23 @@ COLOURS = {  # every pair at least ~127 apart in RGB, and far from both backgrou
     "white": (255, 255, 255),
 }
 BACKGROUNDS = {"black": (0, 0, 0), "gray": (128, 128, 128)}
-SIZES = {"small": 0.6, "large": 0.9}  # shape extent as a fraction of a grid cell
+SIZES = {"small": 0.75, "large": 1.0}  # shape extent as a fraction of a grid cell
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 _WHERE = {
     "top left": "at the top left", "top": "at the top", "top right": "at the top right",
     "left": "on the left", "center": "in the center", "right": "on the right",
     "bottom left": "at the bottom left", "bottom": "at the bottom", "bottom right": "at the bottom right",
 }  # fmt: skip
-# Each colour loses exactly one shape; every colour and every shape still occurs in training.
-HELD_OUT = frozenset((c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLOURS))
-_VERSION = 2  # bump when rendering or metadata change, so cached image folders are rewritten
+# Held-out combinations, as tuples of (colour, shape[, position]). "pairs": each colour loses exactly one
+# shape. "placements": each colour-shape pair loses one position, spread so that every colour loses 6
+# distinct positions and every shape 8. Either way every colour, shape and position occurs in training.
+HELD_OUT = {
+    "placements": frozenset(
+        (c, s, POSITIONS[(ci + 4 * si) % len(POSITIONS)]) for ci, c in enumerate(COLOURS) for si, s in enumerate(SHAPES)
+    ),
+    "pairs": frozenset((c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLOURS)),
+}
+_VERSION = 3  # bump when rendering or metadata change, so cached image folders are rewritten
 
 
 @dataclass(frozen=True)
@@ -54,18 +67,29 @@ class ShapeAttrs:
     background: str
 
 
-def sample_attrs(rng: random.Random, split: str = "train") -> ShapeAttrs:
-    """Random attributes: ``"train"`` avoids ``HELD_OUT`` pairs, ``"test"`` uses only them, ``"any"`` both."""
-    if split == "test":
-        colour, shape = rng.choice(sorted(HELD_OUT))
-    elif split in ("train", "any"):
-        while True:
-            colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-            if split == "any" or (colour, shape) not in HELD_OUT:
-                break
-    else:
+def held_out_key(attrs: ShapeAttrs, held_out: str = "placements") -> tuple[str, ...]:
+    """The part of ``attrs`` that scheme ``held_out`` holds out: (colour, shape[, position])."""
+    if held_out not in HELD_OUT:
+        raise ValueError(f"held_out must be one of {sorted(HELD_OUT)}, not {held_out!r}")
+    return (attrs.colour, attrs.shape, attrs.position) if held_out == "placements" else (attrs.colour, attrs.shape)
+
+
+def sample_attrs(rng: random.Random, split: str = "train", held_out: str = "placements") -> ShapeAttrs:
+    """Random attributes: ``"train"`` avoids the combinations ``HELD_OUT[held_out]`` names, ``"test"`` uses only
+    them (uniformly), ``"any"`` ignores them."""
+    if held_out not in HELD_OUT:
+        raise ValueError(f"held_out must be one of {sorted(HELD_OUT)}, not {held_out!r}")
+    if split not in ("train", "test", "any"):
         raise ValueError(f"split must be train, test or any, not {split!r}")
-    return ShapeAttrs(shape, colour, rng.choice(list(SIZES)), rng.choice(POSITIONS), rng.choice(list(BACKGROUNDS)))
+    if split == "test":
+        colour, shape, *where = rng.choice(sorted(HELD_OUT[held_out]))
+        position = where[0] if where else rng.choice(POSITIONS)
+        return ShapeAttrs(shape, colour, rng.choice(list(SIZES)), position, rng.choice(list(BACKGROUNDS)))
+    while True:
+        attrs = ShapeAttrs(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES)),
+                           rng.choice(POSITIONS), rng.choice(list(BACKGROUNDS)))
+        if split == "any" or held_out_key(attrs, held_out) not in HELD_OUT[held_out]:
+            return attrs
 
 
 def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -127,13 +151,19 @@ def questions(attrs: ShapeAttrs) -> list[tuple[str, str]]:
     ]
 
 
-def write_imagefolder(out_dir: str, num_train: int, num_test: int, seed: int = 0, size: int = 64) -> dict:
-    """Write ``train/`` and ``test/`` PNGs with ``metadata.jsonl`` for ``load_dataset("imagefolder")``.
+def write_imagefolder(
+    out_dir: str, num_train: int, num_test: int, seed: int = 0, size: int = 64, held_out: str = "placements"
+) -> dict:
+    """Write ``train/`` and ``test/`` PNGs with ``metadata.jsonl`` for ``load_dataset("imagefolder")``; the test
+    split holds the combinations of scheme ``held_out`` (see ``HELD_OUT``) and the training split none of them.
 
     Returns the manifest (the arguments), also saved as ``shapes.json``; a folder whose manifest matches
     is left as it is.
     """
-    manifest = {"version": _VERSION, "num_train": num_train, "num_test": num_test, "seed": seed, "size": size}
+    if held_out not in HELD_OUT:
+        raise ValueError(f"held_out must be one of {sorted(HELD_OUT)}, not {held_out!r}")
+    manifest = {"version": _VERSION, "num_train": num_train, "num_test": num_test, "seed": seed, "size": size,
+                "held_out": held_out}
     path = os.path.join(out_dir, "shapes.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -150,7 +180,7 @@ def write_imagefolder(out_dir: str, num_train: int, num_test: int, seed: int = 0
         rng = random.Random(f"shapes-{split}-{seed}")
         with open(os.path.join(folder, "metadata.jsonl"), "w") as meta:
             for i in range(n):
-                attrs = sample_attrs(rng, split)
+                attrs = sample_attrs(rng, split, held_out)
                 name = f"{i:06d}.png"
                 render(attrs, size).save(os.path.join(folder, name))
                 # a random order per image: in a fixed order a model learns "first answer = colour" and never

@@ -6,8 +6,9 @@
 #
 #   bash scripts/experiments/demo_variants.sh [OUT_DIR] [VARIANT ...]    # default: every variant, outputs/variants
 #
-# Each variant is: name | encoder flags | tokenizer overrides (both stages) | stage-2 overrides | MLLM overrides.
-# The data and the demo LLM come from scripts/make_demo_data.py and scripts/make_demo_llm.py as in the demo.
+# Each variant is: name | data flags | encoder flags | tokenizer overrides (both stages) | stage-2 overrides |
+# MLLM overrides. A variant with data flags draws its own data set and demo LLM (scripts/make_demo_data.py,
+# scripts/make_demo_llm.py) in its folder; the others share the demo's, drawn once up front.
 # Scores land in OUT_DIR/NAME/score.json and one table per variant in OUT_DIR/summary.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,28 +17,33 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM
 PY=${PYTHON:-python}
 
 VARIANTS=(
-  "defaults|||"
-  "encoder_attr1|--attr-weight 1.0|||"
-  "tokenizer_l1||loss.recon=l1||"
-  "codebook_512||model.quantizer.codebook_size=512||"
-  "long_encoder_tokenizer|--steps 1200|run.steps=2500 run.save_every=2500|run.steps=300 run.save_every=300|"
-  "long_mllm||||run.steps=2400 run.save_every=2400"
-  "long_everything_attr1|--steps 1200 --attr-weight 1.0|run.steps=2500 run.save_every=2500|run.steps=300 run.save_every=300|run.steps=2400 run.save_every=2400"
-  "encoder_1000|--steps 1000|||"
+  "defaults|||||"
+  "held_out_pairs|--held-out pairs||||"
+  "encoder_400||--steps 400|||"
+  "mllm_batch32|||||run.batch_size=32 run.micro_batch_size=32 run.steps=900 run.save_every=900"
+  "generation_heavy|||||data.task_ratio=0.8"
+  "codebook_512|||model.quantizer.codebook_size=512||"
+  "long_tokenizer|||run.steps=2000 run.save_every=2000|run.steps=300 run.save_every=300|"
+  "long_mllm|||||run.steps=3600 run.save_every=3600"
 )
 
-one() {  # NAME ENCODER_FLAGS TOKENIZER_OVERRIDES STAGE2_OVERRIDES MLLM_OVERRIDES
-  local name=$1 w=$out/$1
+one() {  # NAME DATA_FLAGS ENCODER_FLAGS TOKENIZER_OVERRIDES STAGE2_OVERRIDES MLLM_OVERRIDES
+  local name=$1 w=$out/$1 data=data/shapes llm=outputs/demo/llm
   mkdir -p "$w"
+  if [ -n "$2" ]; then data=$w/data llm=$w/llm; fi
   # shellcheck disable=SC2086  # the flag strings are word lists
   {
-    $PY scripts/train_standin_vfm.py --out "$w/vfm" $2 &&
+    if [ -n "$2" ]; then
+      $PY scripts/make_demo_data.py --out "$data" $2 && $PY scripts/make_demo_llm.py --data "$data" --out "$llm"
+    fi &&
+    $PY scripts/train_standin_vfm.py --out "$w/vfm" $3 &&
     $PY scripts/train_tokenizer.py --config configs/tokenizer/demo_stage1.yaml model.encoder.weights="$w/vfm/model.safetensors" \
-      run.output_dir="$w/tokenizer_stage1" run.image_every=0 $3 &&
+      data.source="$data" run.output_dir="$w/tokenizer_stage1" run.image_every=0 $4 &&
     $PY scripts/train_tokenizer.py --config configs/tokenizer/demo_stage2.yaml init_from="$w/tokenizer_stage1/model" \
-      model.encoder.weights="$w/vfm/model.safetensors" run.output_dir="$w/tokenizer" run.image_every=0 $3 $4 &&
-    $PY scripts/train_mllm.py --config configs/mllm/demo.yaml model.vqrae="$w/tokenizer/model" run.output_dir="$w/mllm" $5 &&
-    $PY scripts/score_demo.py --model "$w/mllm/model" --out "$w/score.json" --grid-dir "$w"
+      data.source="$data" model.encoder.weights="$w/vfm/model.safetensors" run.output_dir="$w/tokenizer" run.image_every=0 $4 $5 &&
+    $PY scripts/train_mllm.py --config configs/mllm/demo.yaml model.vqrae="$w/tokenizer/model" model.llm="$llm" \
+      data.generation.source="$data" data.understanding.source="$data" run.output_dir="$w/mllm" $6 &&
+    $PY scripts/score_demo.py --model "$w/mllm/model" --data "$data" --out "$w/score.json" --grid-dir "$w"
   } > "$w/log" 2>&1 || { echo "$name failed: see $w/log"; return 1; }
   { echo "### $name"; echo; grep "^|" "$w/log" || true; echo; } > "$w/summary.md"
   echo "$name done"
@@ -48,9 +54,9 @@ $PY scripts/make_demo_llm.py
 mkdir -p "$out"
 pids=()
 for spec in "${VARIANTS[@]}"; do
-  IFS='|' read -r name enc tok tok2 mllm <<< "$spec"
+  IFS='|' read -r name data enc tok tok2 mllm <<< "$spec"
   if [ $# -gt 0 ] && [[ ! " $* " == *" $name "* ]]; then continue; fi
-  one "$name" "$enc" "$tok" "$tok2" "$mllm" &
+  one "$name" "$data" "$enc" "$tok" "$tok2" "$mllm" &
   pids+=($!)
 done
 status=0
