@@ -483,8 +483,10 @@ class ExampleRows(Dataset):
             text = _turns(text)
             if text is None:
                 return Skipped(f"missing_{self.text_column}")
-        pixels, status = self._images.get(key.index, (None, "")) if self._images is not None else (None, "")
-        if pixels is None:
+        cached = self._images.get(key.index) if self._images is not None else None
+        if cached is not None:
+            pixels, status = cached
+        else:
             value = row.get(self.image_column)
             if isinstance(value, str) and self.image_root and not os.path.isabs(value):
                 value = os.path.join(self.image_root, value)

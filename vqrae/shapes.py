@@ -67,28 +67,33 @@ class ShapeAttrs:
     background: str
 
 
-def held_out_key(attrs: ShapeAttrs, held_out: str = "placements") -> tuple[str, ...]:
-    """The part of ``attrs`` that scheme ``held_out`` holds out: (colour, shape[, position])."""
+def _scheme(held_out: str) -> frozenset:
+    """``HELD_OUT[held_out]``, or a one-line error naming the schemes."""
     if held_out not in HELD_OUT:
         raise ValueError(f"held_out must be one of {sorted(HELD_OUT)}, not {held_out!r}")
+    return HELD_OUT[held_out]
+
+
+def held_out_key(attrs: ShapeAttrs, held_out: str = "placements") -> tuple[str, ...]:
+    """The part of ``attrs`` that scheme ``held_out`` holds out: (colour, shape[, position])."""
+    _scheme(held_out)
     return (attrs.colour, attrs.shape, attrs.position) if held_out == "placements" else (attrs.colour, attrs.shape)
 
 
 def sample_attrs(rng: random.Random, split: str = "train", held_out: str = "placements") -> ShapeAttrs:
     """Random attributes: ``"train"`` avoids the combinations ``HELD_OUT[held_out]`` names, ``"test"`` uses only
     them (uniformly), ``"any"`` ignores them."""
-    if held_out not in HELD_OUT:
-        raise ValueError(f"held_out must be one of {sorted(HELD_OUT)}, not {held_out!r}")
+    held = _scheme(held_out)
     if split not in ("train", "test", "any"):
         raise ValueError(f"split must be train, test or any, not {split!r}")
     if split == "test":
-        colour, shape, *where = rng.choice(sorted(HELD_OUT[held_out]))
+        colour, shape, *where = rng.choice(sorted(held))
         position = where[0] if where else rng.choice(POSITIONS)
         return ShapeAttrs(shape, colour, rng.choice(list(SIZES)), position, rng.choice(list(BACKGROUNDS)))
     while True:
         attrs = ShapeAttrs(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES)),
                            rng.choice(POSITIONS), rng.choice(list(BACKGROUNDS)))
-        if split == "any" or held_out_key(attrs, held_out) not in HELD_OUT[held_out]:
+        if split == "any" or held_out_key(attrs, held_out) not in held:
             return attrs
 
 
@@ -160,8 +165,7 @@ def write_imagefolder(
     Returns the manifest (the arguments), also saved as ``shapes.json``; a folder whose manifest matches
     is left as it is.
     """
-    if held_out not in HELD_OUT:
-        raise ValueError(f"held_out must be one of {sorted(HELD_OUT)}, not {held_out!r}")
+    _scheme(held_out)
     manifest = {"version": _VERSION, "num_train": num_train, "num_test": num_test, "seed": seed, "size": size,
                 "held_out": held_out}
     path = os.path.join(out_dir, "shapes.json")

@@ -16,8 +16,10 @@ import shutil
 import sys
 import socket
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -67,6 +69,8 @@ class TrainingError(RuntimeError):
 
 # -- distributed --------------------------------------------------------------------------------------------
 SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's op-builder name for its CPU shared-memory all-reduce
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Start the process group the ``deepspeed`` launcher describes (gloo on CPU). Returns rank, world, device."""
     import deepspeed
@@ -87,19 +91,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     if not dist.is_initialized():
-        ops = deepspeed.ops.__compatible_ops__
         # DeepSpeed's CPU shared-memory all-reduce op serves only inference_all_reduce (tensor-parallel
         # inference), never training; compiling it took ~30 s of every first run on a fresh machine
-        cpu = backend == "gloo"
-        saved = {k: ops[k] for k in [SHM_OP] if k in ops}
-        if cpu:
-            ops[SHM_OP] = False
-        try:
+        skip_shm = patch.dict(deepspeed.ops.__compatible_ops__, {SHM_OP: False}) if backend == "gloo" else nullcontext()
+        with skip_shm:
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-        finally:
-            if cpu:
-                ops.pop(SHM_OP)
-                ops.update(saved)
     return dist.get_rank(), dist.get_world_size(), device
 
 
