@@ -312,18 +312,23 @@ class StreamingRows(_Position, IterableDataset):
 
     def __init__(self, rows: datasets.IterableDataset, cfg: DataConfig, rank: int, world_size: int, batch_size: int):
         self.image_column = _image_column(rows.features, cfg)
-        rows = rows.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
-        self.rows = split_dataset_by_node(rows, rank=rank, world_size=world_size)
+        self.source, self.rank, self.world_size = rows, rank, world_size
         self.cfg, self.batch_size = cfg, batch_size
+
+    def epoch_rows(self, epoch: int) -> datasets.IterableDataset:
+        """This rank's rows of ``epoch``, shuffled with ``seed + epoch``. A new dataset per epoch and per worker,
+        not ``set_epoch``: Hugging Face keeps that epoch in memory shared by all DataLoader workers, so a worker
+        a chunk ahead would move the others into its epoch."""
+        rows = self.source.shuffle(seed=self.cfg.seed + epoch, buffer_size=self.cfg.shuffle_buffer)
+        return split_dataset_by_node(rows, rank=self.rank, world_size=self.world_size)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, start, dealt = self.epoch, self.position, 0
         while True:
-            self.rows.set_epoch(epoch)
             # .iter() reads the stream directly; plain iteration would shard it across workers itself.
-            chunks = self.rows.iter(batch_size=self.batch_size, drop_last_batch=True)
+            chunks = self.epoch_rows(epoch).iter(batch_size=self.batch_size, drop_last_batch=True)
             p = -1
             for p, chunk in enumerate(chunks):
                 if p < start:
