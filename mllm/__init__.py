@@ -9,7 +9,7 @@ from .data import (
 from .generate import ImageTokenSpec, SamplingConfig, generate_image_codes, generate_text, new_cache
 from .model import LoraSettings, MLLMConfig, UnifiedModel, UnifiedOutput
 from .projector import MLPProjector, ProjectorConfig
-from .vocab import ImageVocab, add_image_tokens, code_token, resize_embeddings
+from .vocab import ImageVocab, add_image_tokens, code_token, codebook_offsets, resize_embeddings
 
 __all__ = [
     "Batch", "Example", "ExampleRows", "GenerationPrompts", "Prompt", "Skipped", "collate", "generation_example",
@@ -17,5 +17,5 @@ __all__ = [
     "pad_token_id", "understanding_example", "understanding_prompt", "ImageTokenSpec", "SamplingConfig",
     "generate_image_codes", "generate_text", "new_cache", "LoraSettings", "MLLMConfig", "UnifiedModel",
     "UnifiedOutput", "MLPProjector", "ProjectorConfig", "ImageVocab", "add_image_tokens", "code_token",
-    "resize_embeddings",
+    "codebook_offsets", "resize_embeddings",
 ]

@@ -436,7 +436,7 @@ class ExampleRows(Dataset):
         loss_on_text: generation only, see ``generation_example``.
         seed: with the epoch and row number, fixes each row's caption-dropout draw.
         cache_images: keep each row's decoded, cropped image in memory after its first use, so later epochs skip
-            decoding (small data sets only: 4000 images of 64 px take ~200 MB; each DataLoader worker keeps its own).
+            decoding (small data sets only: 4000 images of 48 px take ~110 MB; each DataLoader worker keeps its own).
 
     A key is a row number, or a ``vqrae.data.SampleKey`` from ``ResumableSampler`` (which adds the epoch).
     Images are center-cropped without flips: captions and questions may mention left and right.

@@ -36,7 +36,7 @@ from vqrae.config import from_dict, to_dict
 
 from .generate import ImageTokenSpec, SamplingConfig
 from .projector import MLPProjector, ProjectorConfig
-from .vocab import ImageVocab, add_image_tokens, resize_embeddings
+from .vocab import ImageVocab, add_image_tokens, codebook_offsets, resize_embeddings
 
 CONFIG_NAME = "mllm.yaml"
 PROJECTOR_NAME = "projector.safetensors"
@@ -65,6 +65,10 @@ class MLLMConfig:
     gradient_checkpointing: bool = False  # recompute LLM activations in backward to save memory
     freeze_llm: bool = False  # train the projector only (understanding alignment stage)
     new_token_noise: float = 0.0  # std of noise added to the mean-initialised rows of the new tokens
+    # How the K image-code rows start: "mean" (the mean of the old rows plus new_token_noise) or "codebook"
+    # (the mean plus the VQRAE codebook's own geometry, of std new_token_noise: vocab.codebook_offsets). With
+    # "codebook" the LLM starts knowing which codes look alike (same colour, same part of a shape).
+    code_init: str = "mean"
     # A learned embedding of each image token's index (0..N-1), added to the input embedding of the code token
     # at that index. A rotary-position LLM only sees distances between tokens, and the caption before an image
     # varies in length, so it must otherwise infer where in the grid each code falls; a small LLM trained
@@ -163,12 +167,20 @@ class UnifiedModel(nn.Module):
         for name in ("llm", "vqrae"):
             if getattr(cfg, name) in ("", MISSING):
                 raise ValueError(f"MLLMConfig.{name} is not set")
+        if cfg.code_init not in ("mean", "codebook"):
+            raise ValueError(f"MLLMConfig.code_init must be 'mean' or 'codebook', not {cfg.code_init!r}")
+        if cfg.code_init == "codebook" and cfg.new_token_noise <= 0:
+            raise ValueError("MLLMConfig.code_init 'codebook' needs new_token_noise > 0: it sets the rows' spread")
         vqrae = VQRAE.from_pretrained(cfg.vqrae)
         tokenizer = AutoTokenizer.from_pretrained(cfg.llm, trust_remote_code=cfg.trust_remote_code, **_gguf(cfg))
         before = len(tokenizer)
-        add_image_tokens(tokenizer, vqrae.codebook_size)
+        vocab = add_image_tokens(tokenizer, vqrae.codebook_size)
         llm = _load_llm(cfg.llm, cfg, gguf=True)
         resize_embeddings(llm, len(tokenizer), range(before, len(tokenizer)), before, cfg.new_token_noise, generator)
+        if cfg.code_init == "codebook":
+            width = llm.get_input_embeddings().embedding_dim
+            offsets = codebook_offsets(vqrae.quantizer.codebook, width, cfg.new_token_noise, generator)
+            resize_embeddings(llm, len(tokenizer), vocab.code_ids, before, offsets=offsets)
         projector = MLPProjector(vqrae.encoder.dim, llm.get_input_embeddings().embedding_dim, cfg.projector.depth)
         return cls(cfg, llm, tokenizer, vqrae, projector)
 

@@ -135,6 +135,7 @@ def resize_embeddings(
     reference_rows: int,
     noise_std: float = 0.0,
     generator: torch.Generator | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> None:
     """Grow the input embeddings and LM head to ``num_tokens`` rows and initialise the rows of ``new_ids``.
 
@@ -152,6 +153,7 @@ def resize_embeddings(
         reference_rows: rows averaged for the initial value.
         noise_std: std of the noise added to each new row; 0 gives exactly the mean.
         generator: RNG for the noise.
+        offsets: (len(new_ids), H) values added to the mean instead of noise (``codebook_offsets``).
     """
     old_rows = llm.get_input_embeddings().weight.shape[0]
     if num_tokens > old_rows:
@@ -165,15 +167,38 @@ def resize_embeddings(
     if int(index.min()) < reference_rows:
         raise ValueError(f"new token ids start at {int(index.min())}, inside the {reference_rows} reference rows")
     embed, head = llm.get_input_embeddings(), llm.get_output_embeddings()
+    if offsets is not None and tuple(offsets.shape) != (len(index), embed.weight.shape[1]):
+        raise ValueError(f"offsets have shape {tuple(offsets.shape)}, expected {(len(index), embed.weight.shape[1])}")
     weights = [embed.weight]
     if head is not None and head.weight is not embed.weight:
         weights.append(head.weight)
     for weight in weights:
         mean = weight[:reference_rows].float().mean(dim=0)
         rows = mean.expand(len(index), -1).clone()
-        if noise_std > 0:
+        if offsets is not None:
+            rows += offsets.float().to(rows.device)
+        elif noise_std > 0:
             rows += noise_std * torch.randn(rows.shape, generator=generator).to(rows.device)
         weight[index.to(weight.device)] = rows.to(device=weight.device, dtype=weight.dtype)
     bias = getattr(head, "bias", None)
     if bias is not None:
         bias[index.to(bias.device)] = bias[:reference_rows].float().mean().to(bias.dtype)
+
+
+@torch.no_grad()
+def codebook_offsets(codebook: torch.Tensor, width: int, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(K, ``width``) row offsets for the K code tokens that keep the geometry of ``codebook`` (K, e).
+
+    The centred codes go through a random projection, orthonormal when e <= ``width`` (inner products between
+    codes carry over exactly, up to the common scale) and a random orthonormal subspace otherwise; the result
+    is scaled to overall std ``std``. Codes the tokenizer finds alike then start alike in the LLM, so what it
+    learns about one code reaches its neighbours from the first step.
+    """
+    if std <= 0:
+        raise ValueError(f"codebook offsets need a positive std, got {std}")
+    codes = codebook.detach().float().cpu()
+    codes = codes - codes.mean(dim=0)
+    e = codes.shape[1]
+    basis, _ = torch.linalg.qr(torch.randn(max(e, width), min(e, width), generator=generator))
+    out = codes @ (basis.t() if e <= width else basis)  # (K, width)
+    return out * (std / out.std().clamp_min(1e-12))

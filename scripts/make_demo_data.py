@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vqrae.shapes import HELD_OUT, write_imagefolder  # noqa: E402
+from vqrae.shapes import HELD_OUT, IMAGE_SIZE, write_imagefolder  # noqa: E402
 
 
 def main() -> None:
@@ -20,7 +20,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=4000)
     ap.add_argument("--test", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--size", type=int, default=IMAGE_SIZE, help="pixels per side")
     ap.add_argument("--held-out", choices=sorted(HELD_OUT), default="placements",
                     help="what the test split holds out of training (vqrae/shapes.py: HELD_OUT)")
     args = ap.parse_args()

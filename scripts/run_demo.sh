@@ -3,7 +3,7 @@
 # data -> stand-in vision encoder -> tokenizer (stage 1, stage 2) -> unified MLLM -> a generated image and an
 # answered question -> a score table. Outputs go to outputs/demo/ and outputs/generated/.
 #
-#   bash scripts/run_demo.sh               # the demo as documented (about 10 minutes on 2 CPU cores)
+#   bash scripts/run_demo.sh               # the demo as documented (about 8 minutes on 2 CPU cores)
 #   VQRAE_DEMO_QUICK=1 bash scripts/run_demo.sh   # every step, far fewer training steps (the CI test's run)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -46,6 +46,14 @@ def _attrs(row: dict):
     return shapes.ShapeAttrs(*(row[f] for f in ("shape", "colour", "size", "position", "background")))
 
 
+def _for_display(images):
+    """uint8 (B, 3, H, W) enlarged by a whole factor (nearest) to at least 96 px, so small pictures stay legible."""
+    import torch.nn.functional as F
+
+    factor = max(1, -(-96 // images.shape[-1]))
+    return images if factor == 1 else F.interpolate(images, scale_factor=factor, mode="nearest")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     meta = os.path.join(args.data, "test", "metadata.jsonl")
@@ -76,7 +84,7 @@ def main(argv=None) -> None:
     recon_score = shapes.score(list(to_uint8(recon).permute(0, 2, 3, 1).numpy()), [_attrs(r) for r in kept])
     os.makedirs(args.grid_dir, exist_ok=True)
     grid = torch.cat([test_imgs[:8], recon[:8]])
-    save_png(image_grid(to_uint8(grid), columns=8), os.path.join(args.grid_dir, "reconstructions.png"))
+    save_png(image_grid(_for_display(to_uint8(grid)), columns=8), os.path.join(args.grid_dir, "reconstructions.png"))
 
     # generation for held-out captions
     gen_rows = rows[: args.prompts]
@@ -86,7 +94,7 @@ def main(argv=None) -> None:
                           generator=torch.Generator().manual_seed(args.seed))
     want = [_attrs(r) for r in gen_rows]
     gen_score = shapes.score(list(to_uint8(gen.images).permute(0, 2, 3, 1).numpy()), want)
-    save_png(image_grid(to_uint8(gen.images[:32]), columns=8), os.path.join(args.grid_dir, "generated.png"))
+    save_png(image_grid(_for_display(to_uint8(gen.images[:32])), columns=8), os.path.join(args.grid_dir, "generated.png"))
     with open(os.path.join(args.grid_dir, "generated_prompts.txt"), "w") as f:
         f.write("\n".join(r["caption"] for r in gen_rows[:32]) + "\n")
 

@@ -32,7 +32,8 @@ import torch.nn.functional as F  # noqa: E402
 from vqrae import shapes  # noqa: E402
 
 # The architecture the demo tokenizer config names (configs/tokenizer/demo_stage1.yaml: encoder.model_kwargs).
-ARCH = dict(name="vit_small_patch16_224", img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=4, mlp_ratio=2.0)
+ARCH = dict(name="vit_small_patch16_224", img_size=shapes.IMAGE_SIZE, patch_size=8, embed_dim=96, depth=4, num_heads=4,
+            mlp_ratio=2.0)
 HEADS = {"shape": shapes.SHAPES, "colour": tuple(shapes.COLOURS), "size": tuple(shapes.SIZES),
          "position": shapes.POSITIONS, "background": tuple(shapes.BACKGROUNDS)}
 PALETTE = tuple(shapes.COLOURS) + tuple(shapes.BACKGROUNDS)
@@ -46,15 +47,17 @@ def draw(num: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], to
     imgs = np.stack([np.asarray(shapes.render(a, ARCH["img_size"])) for a in attrs])
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
     labels = {k: torch.tensor([v.index(getattr(a, k)) for a in attrs]) for k, v in HEADS.items()}
-    pal = torch.tensor([shapes.COLOURS.get(c) or shapes.BACKGROUNDS[c] for c in PALETTE], dtype=torch.float) / 127.5 - 1
     p = ARCH["patch_size"]
-    patches = F.avg_pool2d(x, p).permute(0, 2, 3, 1)  # (B, g, g, 3) mean colour of each patch
-    patch_colour = torch.cdist(patches.reshape(-1, 3), pal).argmin(-1).view(num, -1)
-    # shape identity on every patch the shape covers (>= 25 %), "background" elsewhere: dense shape supervision
+    # the shape's colour and identity on every patch the shape covers (>= 25 %), the background elsewhere: dense
+    # supervision that names the shape's colour even where the shape fills only part of a patch (the nearest
+    # palette colour to a patch's mean would call a half-yellow, half-black patch olive, i.e. gray or green)
     bg = torch.tensor([shapes.BACKGROUNDS[a.background] for a in attrs], dtype=torch.float) / 127.5 - 1
     fg = ((x - bg[:, :, None, None]).abs().amax(1, keepdim=True) > 0.2).float()
-    cover = F.avg_pool2d(fg, p).flatten(1)  # (B, N)
-    patch_shape = torch.where(cover >= 0.25, labels["shape"][:, None], len(shapes.SHAPES))
+    on_shape = F.avg_pool2d(fg, p).flatten(1) >= 0.25  # (B, N)
+    shape_colour = torch.tensor([PALETTE.index(a.colour) for a in attrs])[:, None]
+    background = torch.tensor([PALETTE.index(a.background) for a in attrs])[:, None]
+    patch_colour = torch.where(on_shape, shape_colour, background)
+    patch_shape = torch.where(on_shape, labels["shape"][:, None], len(shapes.SHAPES))
     return x, labels, torch.stack([patch_colour, patch_shape], -1)
 
 

@@ -7,8 +7,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from mllm import (
-    ImageVocab, LoraSettings, MLLMConfig, UnifiedModel, add_image_tokens, code_token, collate, generation_example,
-    insert_codes, pad_token_id, resize_embeddings, understanding_example,
+    ImageVocab, LoraSettings, MLLMConfig, UnifiedModel, add_image_tokens, code_token, codebook_offsets, collate,
+    generation_example, insert_codes, pad_token_id, resize_embeddings, understanding_example,
 )
 from mllm.data import IGNORE_INDEX
 from tests.conftest import tiny_vqrae_config
@@ -164,6 +164,48 @@ def test_resize_noise_is_seeded_and_small():
     assert torch.equal(a, b)
     deviation = a[before:] - a[:before].mean(dim=0)
     assert 0.005 < deviation.std().item() < 0.02
+
+
+def _centred_gram(x: torch.Tensor) -> torch.Tensor:
+    x = x.double() - x.double().mean(dim=0)
+    return x @ x.t()
+
+
+@pytest.mark.parametrize("e,width", [(8, 32), (48, 32)])
+def test_codebook_offsets_keep_the_codebooks_geometry(e, width):
+    codebook = torch.randn(50, e, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    offsets = codebook_offsets(codebook, width, 0.05, torch.Generator().manual_seed(1))
+    assert offsets.shape == (50, width) and offsets.std().item() == pytest.approx(0.05, rel=1e-4)
+    assert torch.equal(offsets, codebook_offsets(codebook, width, 0.05, torch.Generator().manual_seed(1)))
+    gram, want = _centred_gram(offsets), _centred_gram(codebook)
+    scale = (gram * want).sum() / (want * want).sum()
+    if e <= width:  # an isometry up to scale: every inner product carries over
+        assert torch.allclose(gram, scale * want, atol=1e-6 * gram.abs().max().item())
+    else:  # a random subspace: the geometry carries over approximately
+        assert torch.corrcoef(torch.stack([gram.flatten(), want.flatten()]))[0, 1] > 0.8
+    with pytest.raises(ValueError, match="positive std"):
+        codebook_offsets(codebook, width, 0.0)
+
+
+@torch.no_grad()
+def test_codebook_init_starts_code_rows_at_the_codebooks_geometry(dirs):
+    plain = build(dirs, "llama", new_token_noise=0.05)
+    model = build(dirs, "llama", new_token_noise=0.05, code_init="codebook")
+    codes = model.vocab.code_ids
+    codebook = model.vqrae.quantizer.codebook
+    for weight, old in ((model.llm.get_input_embeddings().weight, plain.llm.get_input_embeddings().weight),
+                        (model.llm.get_output_embeddings().weight, plain.llm.get_output_embeddings().weight)):
+        assert torch.equal(weight[: codes.start], old[: codes.start])  # the LLM's own rows keep their bits
+        rows = weight[codes.start : codes.stop]
+        deviation = rows - old[: codes.start].mean(dim=0)
+        assert deviation.std().item() == pytest.approx(0.05, rel=1e-3)
+        gram, want = _centred_gram(rows), _centred_gram(codebook)
+        scale = (gram * want).sum() / (want * want).sum()
+        assert torch.allclose(gram, scale * want, atol=1e-5 * gram.abs().max().item())
+    with pytest.raises(ValueError, match="code_init must be"):
+        build(dirs, "llama", code_init="pixels")
+    with pytest.raises(ValueError, match="needs new_token_noise > 0"):
+        build(dirs, "llama", code_init="codebook")
 
 
 def test_codebook_size_mismatch_is_a_one_line_error(dirs, tmp_path):

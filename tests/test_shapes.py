@@ -1,3 +1,4 @@
+import importlib.util
 import itertools
 import json
 import os
@@ -9,6 +10,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from vqrae import shapes as S
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ALL_ATTRS = [
     S.ShapeAttrs(shape, colour, size, pos, bg)
@@ -41,7 +44,7 @@ def test_sampling_and_rendering_are_deterministic():
     assert run(1) == run(1) and run(1) != run(2)
     a = ALL_ATTRS[123]
     assert np.array_equal(np.asarray(S.render(a)), np.asarray(S.render(a)))
-    assert S.render(a).size == (64, 64) and S.render(a, 96).size == (96, 96)
+    assert S.render(a).size == (S.IMAGE_SIZE, S.IMAGE_SIZE) and S.render(a, 96).size == (96, 96)
 
 
 def test_render_draws_the_shape_where_it_says():
@@ -53,6 +56,23 @@ def test_render_draws_the_shape_where_it_says():
     large = S.render(S.ShapeAttrs("square", "red", "large", "center", "black"), 66)
     area = [int((np.asarray(im)[..., 0] == 255).sum()) for im in (small, large)]
     assert area[1] / area[0] == pytest.approx((S.SIZES["large"] / S.SIZES["small"]) ** 2, rel=0.15)
+
+
+def test_a_shape_is_cut_into_the_same_patches_in_every_cell():
+    """At IMAGE_SIZE a grid cell is 2x2 patches of the demo tokenizer (8 px): a shape stays inside its cell and
+    its pixels there are the same wherever the cell is, so its patch contents are too."""
+    cell = S.IMAGE_SIZE // 3
+    assert S.IMAGE_SIZE % 3 == 0 and cell % 8 == 0
+    for shape in S.SHAPES:
+        for size in S.SIZES:
+            cells = set()
+            for i, pos in enumerate(S.POSITIONS):
+                img = np.asarray(S.render(S.ShapeAttrs(shape, "red", size, pos, "black")))[..., 0] > 0
+                (r, c), inside = divmod(i, 3), np.zeros_like(img)
+                inside[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] = True
+                assert img[inside].any() and not img[~inside].any(), (shape, size, pos)
+                cells.add(img[inside].tobytes())
+            assert len(cells) == 1, (shape, size)
 
 
 @pytest.mark.parametrize("scheme", sorted(S.HELD_OUT))
@@ -107,7 +127,7 @@ def test_classifier_on_every_clean_render():
     assert result["shape"] >= 0.95 and result["background"] == 1.0
 
 
-@pytest.mark.parametrize("size", [48, 128])
+@pytest.mark.parametrize("size", [64, 128])
 def test_classifier_at_other_image_sizes(size):
     attrs = ALL_ATTRS[::11]
     result = S.score([S.render(a, size) for a in attrs], attrs)
@@ -126,7 +146,7 @@ def test_classifier_survives_blur_noise_and_colour_shift(radius, noise, jitter, 
 def test_classifier_on_upscaled_decoder_like_output():
     rng = np.random.default_rng(1)
     attrs = ALL_ATTRS[::20]
-    upscaled = [S.render(a).resize((256, 256), Image.Resampling.BICUBIC) for a in attrs]  # 64px data, 256px model
+    upscaled = [S.render(a).resize((256, 256), Image.Resampling.BICUBIC) for a in attrs]  # demo-size data, 256px model
     assert S.score([_degrade(u, rng, radius=4.0, noise=10.0) for u in upscaled], attrs)["all"] >= 0.9
 
 
@@ -203,3 +223,25 @@ def test_demo_folder_feeds_the_data_pipeline(tmp_path):
         for pixels, text in zip(batch.pixels, batch.text["caption"]):
             got = S.classify(pixels)
             assert got.colour in text and got.shape in text
+
+
+
+def test_standin_encoder_patch_targets_name_the_shape_wherever_it_covers_a_patch():
+    spec = importlib.util.spec_from_file_location("standin", os.path.join(ROOT, "scripts", "train_standin_vfm.py"))
+    standin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standin)
+    x, labels, targets = standin.draw(40, seed=0)
+    p, palette = standin.ARCH["patch_size"], standin.PALETTE
+    partly = 0
+    for i in range(len(x)):
+        colour, background = list(S.COLOURS)[labels["colour"][i]], list(S.BACKGROUNDS)[labels["background"][i]]
+        bg = torch.tensor(S.BACKGROUNDS[background], dtype=torch.float) / 127.5 - 1
+        fg = ((x[i] - bg[:, None, None]).abs().amax(0) > 0.2).float()
+        cover = fg.unfold(0, p, p).unfold(1, p, p).mean((-1, -2)).flatten()
+        on = cover >= 0.25
+        partly += int(((cover >= 0.25) & (cover < 0.75)).sum())
+        # the shape's colour even where it fills only part of a patch, whose mean colour is no palette colour
+        assert on.any() and [palette[k] for k in targets[i, on, 0]] == [colour] * int(on.sum())
+        assert [palette[k] for k in targets[i, ~on, 0]] == [background] * int((~on).sum())
+        assert (targets[i, on, 1] == labels["shape"][i]).all() and (targets[i, ~on, 1] == len(S.SHAPES)).all()
+    assert partly > 40

@@ -1,8 +1,11 @@
 """Procedurally drawn demo data: one coloured shape per image, with captions, questions and a scorer.
 
 Each image shows one of 6 shapes in one of 8 colours, small or large, centred in one cell of a 3x3 grid,
-on a black or gray background. The test split holds attribute combinations that never appear in training,
-so it measures whether a model composes attributes it has seen separately. Two schemes (``HELD_OUT``):
+on a black or gray background. Pictures are ``IMAGE_SIZE`` (48) pixels square, so a grid cell is 16 pixels:
+2x2 patches of the demo tokenizer's 8-pixel patches. A shape is then cut into the same four patches wherever
+it sits, and a model that has seen a red star in one cell has seen the very patches it needs in any other.
+The test split holds attribute combinations that never appear in training, so it measures whether a model
+composes attributes it has seen separately. Two schemes (``HELD_OUT``):
 
 - ``"placements"`` (the default): every colour-shape pair loses one position of the grid, 48 (colour, shape,
   position) triples in all. Each test picture shows a pair seen elsewhere, at a place where it never was.
@@ -39,7 +42,7 @@ COLOURS = {  # every pair at least ~127 apart in RGB, and far from both backgrou
     "white": (255, 255, 255),
 }
 BACKGROUNDS = {"black": (0, 0, 0), "gray": (128, 128, 128)}
-SIZES = {"small": 0.75, "large": 1.0}  # shape extent as a fraction of a grid cell
+SIZES = {"small": 0.75, "large": 0.95}  # shape extent as a fraction of a grid cell; large stays inside its cell
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 _WHERE = {
     "top left": "at the top left", "top": "at the top", "top right": "at the top right",
@@ -55,7 +58,8 @@ HELD_OUT = {
     ),
     "pairs": frozenset((c, SHAPES[i % len(SHAPES)]) for i, c in enumerate(COLOURS)),
 }
-_VERSION = 3  # bump when rendering or metadata change, so cached image folders are rewritten
+IMAGE_SIZE = 48  # a multiple of 3 x the demo tokenizer's patch size (8): grid cells align with patches
+_VERSION = 4  # bump when rendering or metadata change, so cached image folders are rewritten
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(attrs: ShapeAttrs, size: int = 64) -> Image.Image:
+def render(attrs: ShapeAttrs, size: int = IMAGE_SIZE) -> Image.Image:
     """Draw ``attrs`` on a ``size`` x ``size`` RGB image (no anti-aliasing)."""
     img = Image.new("RGB", (size, size), BACKGROUNDS[attrs.background])
     cell = size / 3
@@ -157,7 +161,7 @@ def questions(attrs: ShapeAttrs) -> list[tuple[str, str]]:
 
 
 def write_imagefolder(
-    out_dir: str, num_train: int, num_test: int, seed: int = 0, size: int = 64, held_out: str = "placements"
+    out_dir: str, num_train: int, num_test: int, seed: int = 0, size: int = IMAGE_SIZE, held_out: str = "placements"
 ) -> dict:
     """Write ``train/`` and ``test/`` PNGs with ``metadata.jsonl`` for ``load_dataset("imagefolder")``; the test
     split holds the combinations of scheme ``held_out`` (see ``HELD_OUT``) and the training split none of them.

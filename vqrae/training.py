@@ -89,7 +89,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device, backend = torch.device("cpu"), "gloo"
         # ranks on one host share its cores; oversubscribed threads make every rank slower
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // max(1, local)))  # the cores this process may use (taskset, cgroups)
     if not dist.is_initialized():
         # DeepSpeed's CPU shared-memory all-reduce op serves only inference_all_reduce (tensor-parallel
         # inference), never training; compiling it took ~30 s of every first run on a fresh machine

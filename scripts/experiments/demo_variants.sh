@@ -19,12 +19,12 @@ PY=${PYTHON:-python}
 VARIANTS=(
   "defaults|||||"
   "held_out_pairs|--held-out pairs||||"
-  "encoder_400||--steps 400|||"
-  "mllm_batch32|||||run.batch_size=32 run.micro_batch_size=32 run.steps=900 run.save_every=900"
-  "generation_heavy|||||data.task_ratio=0.8"
+  "code_rows_mean|||||model.code_init=mean"
+  "guidance_2|||||model.sampling.cfg_scale=2.0"
+  "mllm_2400|||||run.steps=2400 run.save_every=2400"
+  "long_mllm|||||run.steps=4800 run.save_every=4800"
   "codebook_512|||model.quantizer.codebook_size=512||"
-  "long_tokenizer|||run.steps=2000 run.save_every=2000|run.steps=300 run.save_every=300|"
-  "long_mllm|||||run.steps=3600 run.save_every=3600"
+  "short_encoder_tokenizer||--steps 700|run.steps=800 run.save_every=800|run.steps=100 run.save_every=100|"
 )
 
 one() {  # NAME DATA_FLAGS ENCODER_FLAGS TOKENIZER_OVERRIDES STAGE2_OVERRIDES MLLM_OVERRIDES
