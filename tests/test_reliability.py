@@ -616,3 +616,21 @@ def test_cpu_training_builds_no_shared_memory_op(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "0 1 True True", proc.stdout[-2000:]
     assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").iterdir())
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2+ cores")
+def test_cpu_rank_uses_only_the_cores_it_may_run_on():
+    """A process pinned to one core (taskset, a cgroup) runs one thread, not one per core of the machine: two demo
+    experiments pinned side by side would otherwise each oversubscribe their core."""
+    code = (
+        "import os, torch\n"
+        "from vqrae.training import init_distributed\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "init_distributed()\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "1", proc.stdout[-2000:]
