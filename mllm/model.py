@@ -79,6 +79,12 @@ class MLLMConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
+    def __post_init__(self) -> None:
+        if self.code_init not in ("mean", "codebook"):
+            raise ValueError(f"MLLMConfig.code_init must be 'mean' or 'codebook', not {self.code_init!r}")
+        if self.code_init == "codebook" and self.new_token_noise <= 0:
+            raise ValueError("MLLMConfig.code_init 'codebook' needs new_token_noise > 0: it sets the rows' spread")
+
 
 @dataclass
 class UnifiedOutput:
@@ -167,10 +173,6 @@ class UnifiedModel(nn.Module):
         for name in ("llm", "vqrae"):
             if getattr(cfg, name) in ("", MISSING):
                 raise ValueError(f"MLLMConfig.{name} is not set")
-        if cfg.code_init not in ("mean", "codebook"):
-            raise ValueError(f"MLLMConfig.code_init must be 'mean' or 'codebook', not {cfg.code_init!r}")
-        if cfg.code_init == "codebook" and cfg.new_token_noise <= 0:
-            raise ValueError("MLLMConfig.code_init 'codebook' needs new_token_noise > 0: it sets the rows' spread")
         vqrae = VQRAE.from_pretrained(cfg.vqrae)
         tokenizer = AutoTokenizer.from_pretrained(cfg.llm, trust_remote_code=cfg.trust_remote_code, **_gguf(cfg))
         before = len(tokenizer)

@@ -171,18 +171,23 @@ def _centred_gram(x: torch.Tensor) -> torch.Tensor:
     return x @ x.t()
 
 
+def _gram_and_fit(rows: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centred Gram matrix of ``rows`` and the codebook's, scaled by least squares to match it."""
+    gram, want = _centred_gram(rows), _centred_gram(codebook)
+    return gram, want * (gram * want).sum() / (want * want).sum()
+
+
 @pytest.mark.parametrize("e,width", [(8, 32), (48, 32)])
 def test_codebook_offsets_keep_the_codebooks_geometry(e, width):
     codebook = torch.randn(50, e, generator=torch.Generator().manual_seed(0)) * 3 + 1
     offsets = codebook_offsets(codebook, width, 0.05, torch.Generator().manual_seed(1))
     assert offsets.shape == (50, width) and offsets.std().item() == pytest.approx(0.05, rel=1e-4)
     assert torch.equal(offsets, codebook_offsets(codebook, width, 0.05, torch.Generator().manual_seed(1)))
-    gram, want = _centred_gram(offsets), _centred_gram(codebook)
-    scale = (gram * want).sum() / (want * want).sum()
+    gram, fit = _gram_and_fit(offsets, codebook)
     if e <= width:  # an isometry up to scale: every inner product carries over
-        assert torch.allclose(gram, scale * want, atol=1e-6 * gram.abs().max().item())
+        assert torch.allclose(gram, fit, atol=1e-6 * gram.abs().max().item())
     else:  # a random subspace: the geometry carries over approximately
-        assert torch.corrcoef(torch.stack([gram.flatten(), want.flatten()]))[0, 1] > 0.8
+        assert torch.corrcoef(torch.stack([gram.flatten(), fit.flatten()]))[0, 1] > 0.8
     with pytest.raises(ValueError, match="positive std"):
         codebook_offsets(codebook, width, 0.0)
 
@@ -199,9 +204,8 @@ def test_codebook_init_starts_code_rows_at_the_codebooks_geometry(dirs):
         rows = weight[codes.start : codes.stop]
         deviation = rows - old[: codes.start].mean(dim=0)
         assert deviation.std().item() == pytest.approx(0.05, rel=1e-3)
-        gram, want = _centred_gram(rows), _centred_gram(codebook)
-        scale = (gram * want).sum() / (want * want).sum()
-        assert torch.allclose(gram, scale * want, atol=1e-5 * gram.abs().max().item())
+        gram, fit = _gram_and_fit(rows, codebook)
+        assert torch.allclose(gram, fit, atol=1e-5 * gram.abs().max().item())
     with pytest.raises(ValueError, match="code_init must be"):
         build(dirs, "llama", code_init="pixels")
     with pytest.raises(ValueError, match="needs new_token_noise > 0"):

@@ -225,7 +225,6 @@ def test_demo_folder_feeds_the_data_pipeline(tmp_path):
             assert got.colour in text and got.shape in text
 
 
-
 def test_standin_encoder_patch_targets_name_the_shape_wherever_it_covers_a_patch():
     spec = importlib.util.spec_from_file_location("standin", os.path.join(ROOT, "scripts", "train_standin_vfm.py"))
     standin = importlib.util.module_from_spec(spec)
