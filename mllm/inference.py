@@ -49,7 +49,9 @@ class SavedImages:
 # ----------------------------------------------------------------------------- model
 
 
-def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: Optional[str] = None) -> UnifiedModel:
+def load_model(
+    path: str, device: Union[str, torch.device] = "cpu", dtype: Optional[str] = None, trust_remote_code: bool = False
+) -> UnifiedModel:
     """A ``save_pretrained`` directory as an inference model on ``device``, in eval mode, LoRA merged.
 
     Args:
@@ -58,6 +60,7 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: Optio
         dtype: LLM weights "float32", "bfloat16" or "float16"; None keeps the saved dtype on CUDA and uses
             float32 elsewhere (half-precision matrix products are slow or missing on CPUs). The projector and
             VQRAE keep their dtype.
+        trust_remote_code: run Python code shipped in the directory; a model that needs it is refused without.
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -66,7 +69,7 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: Optio
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no model directory at '{path}'")
-    model = UnifiedModel.from_pretrained(path)
+    model = UnifiedModel.from_pretrained(path, trust_remote_code=trust_remote_code)
     if model.cfg.lora.enabled:
         model.merge_lora()  # one plain LLM: no adapter branches on every decode step
     if dtype is None:

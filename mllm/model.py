@@ -28,11 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 from omegaconf import MISSING
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from vqrae import VQRAE
-from vqrae.config import from_dict, to_dict
+from vqrae.config import ConfigError, from_dict, to_dict
+from vqrae.hub import push_folder, resolve
+from vqrae.untrusted import read_safetensors, refuse_pickled_weights, refuse_remote_code
 
 from .generate import ImageTokenSpec, SamplingConfig
 from .projector import MLPProjector, ProjectorConfig
@@ -57,8 +59,12 @@ class LoraSettings:
 
 @dataclass
 class MLLMConfig:
-    llm: str = MISSING  # hub id or local directory of any AutoModelForCausalLM
-    vqrae: str = MISSING  # VQRAE checkpoint directory (VQRAE.save_pretrained); its K sets the image vocabulary
+    # Hub id (owner/name, through transformers' own hub resolution and cache) or local directory of any
+    # AutoModelForCausalLM.
+    llm: str = MISSING
+    # VQRAE checkpoint: a VQRAE.save_pretrained directory or a hub id holding one (fetched into the Hugging Face
+    # cache by vqrae.hub.resolve); its K sets the image vocabulary.
+    vqrae: str = MISSING
     gguf_file: Optional[str] = None  # load this GGUF file inside `llm` (dequantised) instead of safetensors
     trust_remote_code: bool = False  # run model code shipped with `llm`; only for models that require it
     dtype: str = "bfloat16"  # LLM weights: float32, bfloat16 or float16
@@ -173,11 +179,12 @@ class UnifiedModel(nn.Module):
         for name in ("llm", "vqrae"):
             if getattr(cfg, name) in ("", MISSING):
                 raise ValueError(f"MLLMConfig.{name} is not set")
-        vqrae = VQRAE.from_pretrained(cfg.vqrae)
+        _check_llm_source(cfg)
+        vqrae = VQRAE.from_pretrained(cfg.vqrae, trust_remote_code=cfg.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(cfg.llm, trust_remote_code=cfg.trust_remote_code, **_gguf(cfg))
         before = len(tokenizer)
         vocab = add_image_tokens(tokenizer, vqrae.codebook_size)
-        llm = _load_llm(cfg.llm, cfg, gguf=True)
+        llm = _load_llm(cfg.llm, cfg, cfg.trust_remote_code, gguf=True)
         resize_embeddings(llm, len(tokenizer), range(before, len(tokenizer)), before, cfg.new_token_noise, generator)
         if cfg.code_init == "codebook":
             width = llm.get_input_embeddings().embedding_dim
@@ -187,22 +194,41 @@ class UnifiedModel(nn.Module):
         return cls(cfg, llm, tokenizer, vqrae, projector)
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "UnifiedModel":
-        """Rebuild a ``save_pretrained`` directory with nothing else (no hub access)."""
+    def from_pretrained(
+        cls, path: str, trust_remote_code: bool = False, revision: Optional[str] = None
+    ) -> "UnifiedModel":
+        """Rebuild a ``save_pretrained`` directory, or a hub id (``owner/name``) holding one at ``revision``, with
+        nothing else: a hub id is fetched once into the Hugging Face cache (``vqrae.hub.resolve``), then read
+        from there exactly like a directory.
+
+        Whether model code shipped in the directory may run is the caller's decision, never the saved config's:
+        without ``trust_remote_code`` a checkpoint that needs it (``trust_remote_code: true`` in mllm.yaml, an
+        ``auto_map`` beside the LLM or tokenizer) is refused. Weights are read from safetensors only.
+        """
+        path = resolve(path, revision, "unified model")
         file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no unified model checkpoint at '{path}' (missing {CONFIG_NAME})")
         with open(file) as f:
             cfg = from_dict(MLLMConfig, yaml.safe_load(f))
-        vqrae = VQRAE.from_pretrained(os.path.join(path, "vqrae"))
-        tokenizer = AutoTokenizer.from_pretrained(
-            os.path.join(path, "tokenizer"), trust_remote_code=cfg.trust_remote_code
-        )
-        llm = _load_llm(os.path.join(path, "llm"), cfg, gguf=False)
+        opt_in = "pass trust_remote_code=True (scripts/generate.py --trust-remote-code, training: model.trust_remote_code=true)"
+        if cfg.trust_remote_code and not trust_remote_code:
+            raise ConfigError(f"model '{path}' asks to run code shipped with it (trust_remote_code: true in "
+                              f"{CONFIG_NAME}); {opt_in} only if you trust its source")
+        llm_dir, tok_dir = os.path.join(path, "llm"), os.path.join(path, "tokenizer")
+        if not trust_remote_code:
+            for part in (llm_dir, tok_dir):
+                refuse_remote_code(part, "model part", opt_in)
+        refuse_pickled_weights(llm_dir, "model part", _SAFETENSORS_HINT)
+        vqrae = VQRAE.from_pretrained(os.path.join(path, "vqrae"), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
+        llm = _load_llm(llm_dir, cfg, trust_remote_code, gguf=False)
         projector = MLPProjector(vqrae.encoder.dim, llm.get_input_embeddings().embedding_dim, cfg.projector.depth)
-        projector.load_state_dict(load_file(os.path.join(path, PROJECTOR_NAME)), strict=True)
+        projector.load_state_dict(read_safetensors(os.path.join(path, PROJECTOR_NAME), "projector weights"), strict=True)
         adapter = os.path.join(path, "adapter") if cfg.lora.enabled else None
-        positions = load_file(os.path.join(path, POSITIONS_NAME))["weight"] if cfg.image_positions else None
+        positions = None
+        if cfg.image_positions:
+            positions = read_safetensors(os.path.join(path, POSITIONS_NAME), "image position table")["weight"]
         return cls(cfg, llm, tokenizer, vqrae, projector, adapter=adapter, image_positions=positions)
 
     def save_pretrained(self, path: str) -> None:
@@ -222,8 +248,21 @@ class UnifiedModel(nn.Module):
             self.llm.save_pretrained(os.path.join(path, "adapter"), save_embedding_layers=False)
         else:
             self.llm.save_pretrained(os.path.join(path, "llm"))
+        # llm/ now holds plain safetensors even if the weights came from a GGUF file: the copy never needs it
+        cfg = dataclasses.replace(self.cfg, gguf_file=None)
         with open(os.path.join(path, CONFIG_NAME), "w") as f:
-            yaml.safe_dump(to_dict(self.cfg), f, sort_keys=False)
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+    def push_to_hub(
+        self, repo_id: str, revision: Optional[str] = None, private: Optional[bool] = None,
+        commit_message: str = "Upload unified model", run_dir: Optional[str] = None,
+    ):
+        """Upload ``save_pretrained`` output plus a model card to hub repo ``repo_id`` (created if missing).
+
+        ``run_dir``: a training output directory (or the export in it) whose ``train_config.yaml`` data sources
+        and ``metrics.json`` go into the card. Returns the hub's ``CommitInfo``.
+        """
+        return push_folder(self.save_pretrained, "mllm", repo_id, revision, private, commit_message, run_dir)
 
     def _base_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA model's base weights under their original names (PEFT nests them as ``*.base_layer``)."""
@@ -363,16 +402,61 @@ class UnifiedModel(nn.Module):
         return next(self.vqrae.parameters()).dtype
 
 
+_SAFETENSORS_HINT = ("only safetensors are loaded (use_safetensors=True): re-save the model with save_pretrained, "
+                     "whose default is safetensors")
+
+
 def _gguf(cfg: MLLMConfig) -> dict:
     return {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
 
 
-def _load_llm(source: str, cfg: MLLMConfig, gguf: bool) -> PreTrainedModel:
+def _check_llm_source(cfg: MLLMConfig) -> None:
+    """One-line errors for the ways ``cfg.llm`` / ``cfg.gguf_file`` go wrong before transformers' long ones."""
+    llm = cfg.llm
+    if os.path.isfile(llm) and llm.endswith(".gguf"):
+        folder, name = os.path.split(os.path.abspath(llm))
+        raise ConfigError(f"model.llm '{llm}' is a GGUF file; name its folder and the file: "
+                          f"model.llm={folder} model.gguf_file={name}")
+    if not os.path.isdir(llm):
+        return  # a hub id: transformers resolves it
+    found = sorted(f for f in os.listdir(llm) if f.endswith(".gguf"))
+    if cfg.gguf_file:
+        if not os.path.isfile(os.path.join(llm, cfg.gguf_file)) and not os.path.isfile(cfg.gguf_file):
+            raise ConfigError(f"model.gguf_file '{cfg.gguf_file}' is not in model.llm '{llm}'; GGUF files there: "
+                              f"{', '.join(found) or 'none'}")
+        return
+    if found and not os.path.isfile(os.path.join(llm, "config.json")):
+        raise ConfigError(f"model.llm '{llm}' holds only GGUF weights; set model.gguf_file to one of: {', '.join(found)}")
+    if not cfg.trust_remote_code:
+        refuse_remote_code(llm, "model.llm", "set model.trust_remote_code=true")
+    refuse_pickled_weights(llm, "model.llm", _SAFETENSORS_HINT)
+
+
+def _load_llm(source: str, cfg: MLLMConfig, trust_remote_code: bool, gguf: bool) -> PreTrainedModel:
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"MLLMConfig.dtype must be one of {', '.join(_DTYPES)}, got '{cfg.dtype}'")
-    return AutoModelForCausalLM.from_pretrained(
-        source, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **(_gguf(cfg) if gguf else {})
+    if not (gguf and cfg.gguf_file):
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=_DTYPES[cfg.dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    kwargs = {}
+    try:
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)  # plain tensors: trainable, savable
+    except ImportError:  # older transformers always dequantise GGUF weights
+        pass
+    llm = AutoModelForCausalLM.from_pretrained(
+        source, dtype=_DTYPES[cfg.dtype], trust_remote_code=trust_remote_code, gguf_file=cfg.gguf_file, **kwargs
     )
+    # transformers may still mark a GGUF-loaded model as quantized, and then refuses to save it. The weights
+    # are ordinary tensors by now, so the model is an ordinary one.
+    quantizer = getattr(llm, "hf_quantizer", None)
+    if quantizer is not None:
+        if getattr(quantizer, "packed_modules", None):
+            raise ValueError(f"'{cfg.gguf_file}' loaded with packed GGUF weights, which cannot be trained")
+        quantizer.remove_quantization_config(llm)
+    return llm
 
 
 def _with_lora(llm: PreTrainedModel, lora: LoraSettings, vocab: ImageVocab, adapter: Optional[str]) -> nn.Module:
@@ -381,6 +465,8 @@ def _with_lora(llm: PreTrainedModel, lora: LoraSettings, vocab: ImageVocab, adap
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter is not None:
+        refuse_pickled_weights(adapter, "LoRA adapter", "only adapter_model.safetensors is loaded: save the adapter "
+                               "with save_pretrained, whose default is safetensors")
         return PeftModel.from_pretrained(llm, adapter, is_trainable=True)
     if "trainable_token_indices" not in LoraConfig.__dataclass_fields__:
         raise ImportError(

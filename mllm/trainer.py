@@ -35,7 +35,7 @@ from vqrae import VQRAE
 from vqrae.config import ConfigError
 from vqrae.data import DataConfig, ResumableSampler, SampleKey, load_image, open_source, transform
 from vqrae.model import CONFIG_NAME as VQRAE_CONFIG, WEIGHTS_NAME as VQRAE_WEIGHTS
-from vqrae.training import OptimConfig, RunConfig, TrainingError, all_reduce_sum
+from vqrae.training import OptimConfig, RunConfig, TrainingError, all_reduce_sum, autocast
 
 from .data import (
     Batch, Example, ExampleRows, Skipped, collate, generation_example, insert_codes, load_conversations,
@@ -48,7 +48,6 @@ GENERATION, UNDERSTANDING = "generation", "understanding"
 TASKS = (GENERATION, UNDERSTANDING)
 CODES_MANIFEST = "codes.json"
 _PRECISION_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
-_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # ----------------------------------------------------------------------------- config
@@ -175,22 +174,27 @@ def build_model(cfg: MLLMTrainConfig) -> tuple[UnifiedModel, str]:
 
     A new model comes from ``cfg.model``. With ``cfg.init_from``, the LLM, extended tokenizer, VQRAE and
     projector come from that export (a LoRA export is merged first) and ``cfg.model`` decides how they train
-    (freezing, LoRA, gradient checkpointing). The LLM is loaded in the run precision.
+    (freezing, LoRA, gradient checkpointing). The LLM trains in fp32 master weights whatever ``run.precision``
+    (bf16 is autocast, ``vqrae.training``); the saved config records the run's compute dtype, in which
+    inference loads the LLM on an accelerator.
     """
     dtype = _PRECISION_DTYPES.get(cfg.run.precision)
     if dtype is None:
         raise ConfigError(f"run.precision must be one of {', '.join(_PRECISION_DTYPES)}, got '{cfg.run.precision}'")
-    model_cfg = dataclasses.replace(cfg.model, dtype=dtype)
+    model_cfg = dataclasses.replace(cfg.model, dtype="float32")
     if not cfg.init_from:
-        return UnifiedModel.build(model_cfg), model_cfg.vqrae
-    base = UnifiedModel.from_pretrained(cfg.init_from)
+        model = UnifiedModel.build(model_cfg)
+        model.cfg = dataclasses.replace(model.cfg, dtype=dtype)
+        return model, model_cfg.vqrae
+    # Trust is this run's decision (model.trust_remote_code), not the export's.
+    base = UnifiedModel.from_pretrained(cfg.init_from, trust_remote_code=cfg.model.trust_remote_code)
     if base.cfg.lora.enabled:
         base.merge_lora()
     # An earlier stage may have frozen the LLM; this stage's config decides again.
-    llm = base.llm.requires_grad_(True).to(_TORCH_DTYPES[dtype])
+    llm = base.llm.requires_grad_(True).to(torch.float32)
     model_cfg = dataclasses.replace(
-        model_cfg, llm=base.cfg.llm, vqrae=base.cfg.vqrae, gguf_file=base.cfg.gguf_file,
-        trust_remote_code=base.cfg.trust_remote_code, projector=base.cfg.projector,
+        model_cfg, dtype=dtype, llm=base.cfg.llm, vqrae=base.cfg.vqrae, gguf_file=None,  # the export holds safetensors
+        projector=base.cfg.projector,
     )
     positions = base.image_position_table() if model_cfg.image_positions else None  # None: a fresh zero table
     model = UnifiedModel(model_cfg, llm, base.tokenizer, base.vqrae, base.projector, image_positions=positions)
@@ -207,11 +211,12 @@ def unregister_vqrae(model: UnifiedModel) -> VQRAE:
     return vqrae
 
 
-def place_vqrae(vqrae: VQRAE, device: torch.device, dtype: torch.dtype) -> None:
-    """Move the parts that encode (encoder, quantizer) to ``device`` in ``dtype``; the decoder is never used in
-    training and stays where it is."""
-    vqrae.encoder.to(device=device, dtype=dtype)
-    vqrae.quantizer.to(device=device, dtype=dtype)
+def place_vqrae(vqrae: VQRAE, device: torch.device) -> None:
+    """Move the parts that encode (encoder, quantizer) to ``device``, in fp32; the decoder is never used in
+    training and stays where it is. A bf16 run encodes under autocast (``vqrae.training.autocast``), as the
+    tokenizer trained: its frozen buffers and the quantizer's nearest-code search stay fp32."""
+    vqrae.encoder.to(device=device, dtype=torch.float32)
+    vqrae.quantizer.to(device=device, dtype=torch.float32)
 
 
 def vqrae_fingerprint(vqrae: VQRAE) -> str:
@@ -413,12 +418,13 @@ def make_loaders(cfg: MLLMDataConfig, model: UnifiedModel, batch_size: int, rank
     }
 
 
-def prepare_batch(model: UnifiedModel, batch: Batch, device: torch.device) -> Batch:
-    """Move a micro-batch to ``device`` once and write the codes of its images to generate into it."""
+def prepare_batch(model: UnifiedModel, batch: Batch, device: torch.device, precision: str = "fp32") -> Batch:
+    """Move a micro-batch to ``device`` once and write the codes of its images to generate into it (encoded in
+    ``precision``, as ``write_codes`` does for pre-computed codes)."""
     batch = batch.to(device)
     if batch.code_images is None:
         return batch
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(precision, device):
         code_ids = model.tokenize_images(batch.code_images)
     return insert_codes(batch, code_ids)
 
@@ -442,7 +448,7 @@ def tokenize_rows(rows: datasets.Dataset, vqrae: VQRAE, resolution: int, image_c
 
     Args:
         rows: the source with its image column undecoded (``vqrae.data.open_source``).
-        vqrae: the frozen tokenizer, already on its device and in its compute dtype.
+        vqrae: the frozen tokenizer, already on its device (``place_vqrae``).
         resolution: square side of the crops (the trainer's ``data.resolution``).
         image_column: the image column.
         batch_size: images encoded together.
@@ -458,7 +464,7 @@ def tokenize_rows(rows: datasets.Dataset, vqrae: VQRAE, resolution: int, image_c
         codes = [np.zeros(0, dtype=np.int32) for _ in loaded]
         ok = [i for i, (pixels, _) in enumerate(loaded) if pixels is not None]
         if ok:
-            pixels = torch.stack([loaded[i][0] for i in ok]).to(param.device, param.dtype)
+            pixels = torch.stack([loaded[i][0] for i in ok]).to(param.device)
             with torch.inference_mode():
                 found = vqrae.tokenize(pixels).to("cpu", torch.int32).numpy()
             for j, i in enumerate(ok):
@@ -479,12 +485,12 @@ def write_codes(vqrae: VQRAE, source: str, out_dir: str, split: str = "train", i
                 dtype: torch.dtype = torch.float32, batch_size: int = 64, workers: int = 4) -> dict:
     """Codes of every image of ``source`` into ``out_dir``, read back by ``open_codes`` (``codes_from``).
 
-    The VQRAE is fingerprinted as loaded, then placed on ``device`` in ``dtype``: use the trainer's compute
-    dtype (its ``run.precision``) to get exactly the codes it would compute on the fly. The Arrow file is
+    The VQRAE is fingerprinted as loaded, then placed on ``device`` and run under autocast to ``dtype``: use
+    the trainer's compute dtype (its ``run.precision``) to get exactly the codes it would compute on the fly. The Arrow file is
     named by the inputs' identity, so a rerun with the same inputs reuses it. Returns the manifest.
     """
     fingerprint = vqrae_fingerprint(vqrae)
-    place_vqrae(vqrae, torch.device(device), dtype)
+    place_vqrae(vqrae, torch.device(device))
     resolution = resolution or vqrae.cfg.encoder.image_size
     try:
         rows = open_source(DataConfig(source=source, split=split, image_column=image_column, text_columns=[]))
@@ -494,7 +500,11 @@ def write_codes(vqrae: VQRAE, source: str, out_dir: str, split: str = "train", i
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     os.makedirs(out_dir, exist_ok=True)
     name = f"codes-{key}.arrow"
-    codes = tokenize_rows(rows, vqrae, resolution, image_column, batch_size, workers, os.path.join(out_dir, name), key)
+    precision = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype)
+    if precision is None:
+        raise TrainingError(f"codes can be computed in float32 or bfloat16, not {dtype}")
+    with autocast(precision, torch.device(device)):
+        codes = tokenize_rows(rows, vqrae, resolution, image_column, batch_size, workers, os.path.join(out_dir, name), key)
     manifest = {
         "file": name, "vqrae": fingerprint, "resolution": resolution, "num_rows": len(codes),
         "num_tokens": vqrae.num_tokens, "codebook_size": vqrae.codebook_size, "dtype": str(dtype).replace("torch.", ""),

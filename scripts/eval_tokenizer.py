@@ -1,7 +1,7 @@
 """Evaluate a VQRAE tokenizer's reconstructions: PSNR, SSIM, LPIPS, rFID, code use, perplexity, images/s.
 
     python scripts/eval_tokenizer.py --model outputs/tokenizer/model --data imagenet-1k --split validation \\
-        --resolution 256 --inception-weights weights-inception-2015-12-05-6726825d.pth --out metrics.json
+        --resolution 256 --inception-weights weights-inception-2015-12-05-6726825d.safetensors --out metrics.json
     python scripts/eval_tokenizer.py --model M --data path/to/imagefolder --split test --no-fid --lpips-backbone random
 
 Protocol: every image of the split once, shortest side resized to R (bicubic, antialiased), center crop, no
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--lpips-backbone", default="pretrained", help="pretrained | random | PATH to a trunk state dict")
     p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg", "squeeze"])
-    p.add_argument("--inception-weights", default=None, help="torch-fidelity pt_inception-2015-12-05 weights file")
+    p.add_argument("--inception-weights", default=None, help="torch-fidelity pt_inception-2015-12-05 weights as .safetensors (pickles are refused)")
     p.add_argument("--no-fid", action="store_true", help="skip rFID (no Inception weights needed)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="forward-pass autocast dtype")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
@@ -74,13 +74,16 @@ def main(argv=None) -> int:
     # Everything that can fail for a missing file or weight is set up before the long loop starts.
     try:
         fid = None if args.no_fid else FIDMetric(args.inception_weights).to(device)
-        perceptual = PerceptualLoss(args.lpips_net, args.lpips_backbone).to(device)
+        try:
+            perceptual = PerceptualLoss(args.lpips_net, args.lpips_backbone).to(device)
+        except ValueError as e:  # the loss names its config key; here the user sets it with a flag
+            raise ValueError(str(e).replace("lpips_backbone", "--lpips-backbone")) from None
         model = VQRAE.from_pretrained(args.model, map_location=device).to(device)
         resolution = args.resolution or model.image_size
         data_cfg = eval_data_config(args.data, args.split, resolution, args.num_workers)
         loader = build_eval_loader(data_cfg, args.batch_size, args.limit)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 2
 
     from tqdm import tqdm

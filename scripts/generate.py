@@ -5,10 +5,13 @@
     python scripts/generate.py --image photo.png --prompt "What shape is in the image?"
 
 Generation writes one PNG per image and a grid.png (a row per prompt) into --out and prints their paths.
-A prompts file holds one prompt per line (blank lines are skipped); --num-images images are made for each,
---batch-size at a time. The same seed, prompts, --num-images and --batch-size give the same images; without
---seed a fresh one is drawn and printed. --negative-prompt replaces the empty caption of the unconditional
-guidance branch. With --image the answer is printed; it is greedy unless --temperature is given.
+Each PNG is written as soon as its batch is decoded, so an interrupted run keeps the images it made and memory
+holds one batch (plus the grid, which shows at most the first 256 images). A prompts file holds one prompt per
+line (blank lines are skipped); --num-images images are made for each, --batch-size at a time, at most 4096
+images a run: split a longer job into runs with different --out folders. The same seed, prompts, --num-images
+and --batch-size give the same images; without --seed a fresh one is drawn and printed. --negative-prompt
+replaces the empty caption of the unconditional guidance branch. With --image the answer is printed; it is
+greedy unless --temperature is given.
 
 Sampling defaults are the model's own (MLLMConfig.sampling, saved with it; --cfg 4.0, --temperature 1.0, no
 top-k, top-p 1 unless its training config said otherwise); the demo model samples greedily with --cfg 2.
@@ -26,6 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DEFAULT_MODEL = "outputs/demo/mllm/model"  # where scripts/run_demo.sh leaves the unified model
 DEFAULT_OUT = "outputs/generated"
+MAX_IMAGES = 4096  # images per run: beyond this a job is better split into runs that can each be rerun alone
+GRID_MAX = 256  # grid.png shows at most this many images (whole prompt rows where it can), so it stays viewable
 
 
 class UsageError(Exception):
@@ -59,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="LLM weights; auto = the saved dtype on CUDA, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="CUDA only: compile the decode step (slow start, fast steps)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with the model (off: such a model is refused); only for sources you trust")
     return p.parse_args(argv)
 
 
@@ -131,14 +138,67 @@ def validate(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _load_model(path: str, device, dtype):
+def _check_image_count(num_prompts: int, num_images: int) -> None:
+    total = num_prompts * num_images
+    if total > MAX_IMAGES:
+        raise UsageError(
+            f"--num-images {num_images} for {num_prompts} prompt(s) makes {total} images, more than the {MAX_IMAGES} "
+            f"of one run: split the prompts (or lower --num-images) over several runs with different --out folders"
+        )
+
+
+def _grid_layout(num_prompts: int, num_images: int) -> tuple[int, int]:
+    """(images shown, columns) of grid.png: a row per prompt, or one prompt's images near-square."""
+    total = num_prompts * num_images
+    if num_prompts > 1 and num_images <= GRID_MAX:
+        return min(total, num_images * (GRID_MAX // num_images)), num_images
+    shown = min(total, GRID_MAX)
+    return shown, math.ceil(math.sqrt(shown))
+
+
+def _write_images(model, prompts: list[str], sampling, args: argparse.Namespace) -> str:
+    """Sample, decode and write the images batch by batch, printing each path once its PNG is on disk; returns
+    the grid's path. The images are those of one ``generate_images`` call over all prompts: the same rows in the
+    same batches, drawing from one generator seeded like its own."""
+    import torch
+
+    from mllm.inference import (
+        GRID_NAME, _slug, build_generation_prompts, generate_images, image_grid, save_png, to_uint8,
+    )
+
+    build_generation_prompts(model, prompts, args.negative_prompt)  # every prompt checked before the first image
+    n, total = args.num_images, len(prompts) * args.num_images
+    generator = torch.Generator(device=next(model.llm.parameters()).device).manual_seed(sampling.seed)
+    shown, columns = _grid_layout(len(prompts), n)
+    grid, tiles = os.path.join(args.out, GRID_NAME), []
+    for start in range(0, total, args.batch_size):
+        rows = range(start, min(start + args.batch_size, total))  # image k is image k % n of prompt k // n
+        batch = generate_images(
+            model, [prompts[k // n] for k in rows], sampling, num_images=1, negative_prompt=args.negative_prompt,
+            batch_size=len(rows), generator=generator, compile_step=args.compile,
+        )
+        pixels = to_uint8(batch.images)  # (b, 3, H, W)
+        for k, image in zip(rows, pixels):
+            i, j = divmod(k, n)
+            slug = _slug(prompts[i])  # the names save_images gives
+            path = os.path.join(args.out, f"{i:03d}_{j:02d}" + (f"_{slug}" if slug else "") + ".png")
+            save_png(image, path)
+            print(path, flush=True)
+        tiles.extend(pixels[: max(0, shown - start)])
+        if start < shown <= rows.stop:  # this batch completed the grid: write it now, not only at the end
+            save_png(image_grid(torch.stack(tiles), columns), grid)
+            tiles.clear()
+    return grid
+
+
+def _load_model(path: str, device, dtype, trust_remote_code: bool = False):
     import yaml
     from safetensors import SafetensorError
 
     from mllm.inference import load_model
 
     try:
-        return load_model(path, device, dtype)
+        return load_model(path, device, dtype, trust_remote_code=trust_remote_code)
     except (yaml.YAMLError, SafetensorError) as e:  # a damaged file in the model directory
         raise ValueError(f"--model '{path}' cannot be loaded: {type(e).__name__}: {e}") from None
 
@@ -149,7 +209,7 @@ def _run(args: argparse.Namespace, prompts: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     from mllm.generate import SamplingConfig
-    from mllm.inference import answer_question, generate_images, read_image, save_images
+    from mllm.inference import answer_question, read_image
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # stderr carries errors only
@@ -163,7 +223,7 @@ def _run(args: argparse.Namespace, prompts: list[str]) -> None:
 
     if args.image is not None:
         image = read_image(args.image)  # before the model load: a bad file fails fast
-        model = _load_model(args.model, device, dtype)
+        model = _load_model(args.model, device, dtype, args.trust_remote_code)
         temperature = args.temperature if args.temperature is not None else 0.0
         sampling = SamplingConfig(temperature=temperature, cfg_scale=1.0, seed=args.seed, **given)
         print(answer_question(model, image, prompts[0], max_new_tokens=args.max_new_tokens, sampling=sampling))
@@ -174,16 +234,10 @@ def _run(args: argparse.Namespace, prompts: list[str]) -> None:
         given["temperature"] = args.temperature
     if args.cfg is not None:
         given["cfg_scale"] = args.cfg
-    model = _load_model(args.model, device, dtype)
+    model = _load_model(args.model, device, dtype, args.trust_remote_code)
     sampling = model.sampling_config(seed=seed, **given)  # the model's own defaults, then the flags
-    result = generate_images(
-        model, prompts, sampling, num_images=args.num_images, negative_prompt=args.negative_prompt,
-        batch_size=args.batch_size, compile_step=args.compile,
-    )
-    saved = save_images(result, args.out)
-    for path in saved.paths:
-        print(path)
-    print(f"grid: {saved.grid}")
+    grid = _write_images(model, prompts, sampling, args)
+    print(f"grid: {grid}")
     print(f"seed: {seed}")
 
 
@@ -195,6 +249,8 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         prompts = validate(args)
+        if args.image is None:
+            _check_image_count(len(prompts), args.num_images)
         _run(args, prompts)
     except (UsageError, ValueError, OSError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)

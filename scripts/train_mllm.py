@@ -19,7 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from vqrae.config import ConfigError, load_config, save_yaml  # noqa: E402
-from vqrae.training import TrainingError, check_run_config, first_line, publish, run_cli, training_args  # noqa: E402
+from vqrae.training import (  # noqa: E402
+    TrainingError, check_run_config, first_line, publish, release_run_lock, run_cli, training_args,
+)
 
 DEFAULT_CONFIG = "configs/mllm/demo.yaml"
 
@@ -36,7 +38,10 @@ def main(argv=None) -> None:
     check_config(cfg)
     # the launcher exports WORLD_SIZE to every rank: bad batch sizes fail here, before any process group exists
     check_run_config(cfg.run, cfg.optim, int(os.environ.get("WORLD_SIZE", "1")))
-    train(cfg, args.resume)
+    try:
+        train(cfg, args.resume)
+    finally:  # a killed run's lock stays; the next run takes it over as stale
+        release_run_lock(cfg.run.output_dir)
 
 
 def train(cfg, resume: str | None) -> None:
@@ -54,20 +59,23 @@ def train(cfg, resume: str | None) -> None:
         init_distributed,
         make_optimizer, make_scheduler, param_groups, rng_state, seed_everything, set_rng_state,
     )
+    from vqrae.training import SAVE_ERRORS, load_engine_checkpoint, safe_load, save_failed, take_run_lock
 
     run, optim, data = cfg.run, cfg.optim, cfg.data
     rank, world, device = init_distributed()
     seed_everything(run.seed)  # identical initialisation on every rank
     os.makedirs(run.output_dir, exist_ok=True)
+    take_run_lock(run.output_dir, rank)  # released by main, also on errors
     ckpt = Checkpointer(run.output_dir, run.keep_last, rank)
     resume_dir = ckpt.resolve(resume)
     ds_cfg = deepspeed_config(run, optim, world)
     zero3 = run.zero_stage == 3
-    dtype = torch.bfloat16 if run.precision == "bf16" else torch.float32
 
     # -- model: the VQRAE stays outside the engine -----------------------------------------------------------
     try:
         model, vqrae_dir = build_model(cfg)
+    except ConfigError:  # already one line naming the setting to change
+        raise
     except (OSError, ValueError) as e:  # built from the config or init_from alone: the user's to fix
         source = f"init_from '{cfg.init_from}'" if cfg.init_from else f"model.llm '{cfg.model.llm}' / model.vqrae"
         raise ConfigError(f"cannot build the model from {source}: {type(e).__name__}: {first_line(e)}") from None
@@ -93,15 +101,15 @@ def train(cfg, resume: str | None) -> None:
     loaders = make_loaders(data, model, run.micro_batch_size, rank, world, pin_memory=device.type == "cuda")
     if rank == 0:
         barrier()
-    place_vqrae(vqrae, device, dtype)
+    place_vqrae(vqrae, device)
     schedule = TaskSchedule(data.task_ratio, data.seed)
     guard = NonFiniteGuard(run.max_nonfinite)
     metrics = TaskMetrics(device)
     data_stats: Counter = Counter()
     step = micro = 0
-    if resume_dir:
-        engine.load_checkpoint(resume_dir, tag="mllm", load_module_strict=False)  # frozen weights come from the build
-        state = torch.load(os.path.join(resume_dir, "trainer.pt"), weights_only=True)
+    if resume_dir:  # every file through torch.load(weights_only=True): a checkpoint never runs code
+        load_engine_checkpoint(engine, resume_dir, "mllm", load_module_strict=False)  # frozen weights: the build's
+        state = safe_load(os.path.join(resume_dir, "trainer.pt"))
         ranks = len(state["loaders"])
         if ranks != world:
             raise TrainingError(f"{resume_dir} was written by {ranks} ranks; resume with the same number ({world} now)")
@@ -110,7 +118,7 @@ def train(cfg, resume: str | None) -> None:
             if task in state["loaders"][rank]:  # a task the earlier run did not train starts at its beginning
                 loader.load_state_dict(state["loaders"][rank][task])
         data_stats.update(state["data_stats"][rank])
-        set_rng_state(torch.load(os.path.join(resume_dir, f"rng_rank{rank}.pt"), weights_only=True))
+        set_rng_state(safe_load(os.path.join(resume_dir, f"rng_rank{rank}.pt")))
     else:
         seed_everything(run.seed + rank)  # per-rank randomness (dropout)
     last_ckpt = resume_dir
@@ -126,9 +134,8 @@ def train(cfg, resume: str | None) -> None:
     def save(step: int) -> str:
         try:
             return write_checkpoint(step)
-        except OSError as e:  # full disk, lost mount: the earlier checkpoints are untouched, resume from them
-            raise TrainingError(f"writing the step {step} checkpoint failed ({first_line(e)}); last complete "
-                                f"checkpoint: {last_ckpt or 'none'}") from None
+        except SAVE_ERRORS as e:  # full disk, lost mount: the earlier checkpoints are untouched, resume from them
+            raise save_failed(e, ckpt, step, last_ckpt) from None
 
     def write_checkpoint(step: int) -> str:
         tmp = ckpt.tmp_dir(step)
@@ -162,7 +169,7 @@ def train(cfg, resume: str | None) -> None:
             continue
         empty_run = 0
         tokens = int(batch.attention_mask.sum())
-        batch = prepare_batch(model, batch, device)
+        batch = prepare_batch(model, batch, device, run.precision)
         out = engine(**batch.model_inputs())
         if not guard.check(out.loss, step, last_ckpt):
             logger.info(f"step {step}: non-finite {task} loss skipped ({guard.total} so far)")

@@ -18,7 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from vqrae.config import ConfigError, load_config, save_yaml  # noqa: E402
-from vqrae.training import TrainingError, check_run_config, first_line, publish, run_cli, training_args  # noqa: E402
+from vqrae.training import (  # noqa: E402
+    TrainingError, check_run_config, first_line, publish, release_run_lock, run_cli, training_args,
+)
 
 DEFAULT_CONFIG = "configs/tokenizer/demo_stage1.yaml"
 
@@ -51,7 +53,10 @@ def main(argv=None) -> None:
             raise ConfigError(f"{name} must be > 0, got {value}")
     # the launcher exports WORLD_SIZE to every rank: bad batch sizes fail here, before any process group exists
     check_run_config(cfg.run, cfg.optim, int(os.environ.get("WORLD_SIZE", "1")))
-    train(cfg, args.resume)
+    try:
+        train(cfg, args.resume)
+    finally:  # a killed run's lock stays; the next run takes it over as stale
+        release_run_lock(cfg.run.output_dir)
 
 
 def train(cfg, resume: str | None) -> None:
@@ -68,15 +73,17 @@ def train(cfg, resume: str | None) -> None:
         tokenizer_param_groups,
     )
     from vqrae.training import (
-        EMA, Checkpointer, NonFiniteGuard, RunLogger, all_reduce_sum, deepspeed_config, grad_norm_before_step,
-        init_distributed,
+        EMA, Checkpointer, NonFiniteGuard, RunLogger, all_reduce_sum, autocast, deepspeed_config,
+        grad_norm_before_step, init_distributed,
         make_optimizer, make_scheduler, param_groups, rng_state, seed_everything, set_rng_state,
     )
+    from vqrae.training import SAVE_ERRORS, load_engine_checkpoint, safe_load, save_failed, take_run_lock
 
     run, optim = cfg.run, cfg.optim
     rank, world, device = init_distributed()
     seed_everything(run.seed)  # identical init on every rank
     os.makedirs(run.output_dir, exist_ok=True)
+    take_run_lock(run.output_dir, rank)  # released by main, also on errors
     ckpt = Checkpointer(run.output_dir, run.keep_last, rank)
     resume_dir = ckpt.resolve(resume)
 
@@ -96,10 +103,9 @@ def train(cfg, resume: str | None) -> None:
     scheduler = make_scheduler(optimizer, optim, run.steps)
     ds_cfg = deepspeed_config(run, optim, world)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    dtype = torch.bfloat16 if run.precision == "bf16" else torch.float32
     zero3 = run.zero_stage == 3
     if teacher is not None:
-        teacher.to(device=device, dtype=dtype)
+        teacher.to(device)  # fp32 like the model; run.precision applies through autocast (vqrae/training.py)
 
     loss_cfg = cfg.loss
     disc_engine = None
@@ -125,11 +131,11 @@ def train(cfg, resume: str | None) -> None:
     data_stats: dict = {}
     data_state = sampler.state_dict()
     step = 0
-    if resume_dir:
-        engine.load_checkpoint(resume_dir, tag="generator")
+    if resume_dir:  # every file through torch.load(weights_only=True): a checkpoint never runs code
+        load_engine_checkpoint(engine, resume_dir, "generator")
         if disc_engine is not None:
-            disc_engine.load_checkpoint(resume_dir, tag="discriminator")
-        state = torch.load(os.path.join(resume_dir, "trainer.pt"), weights_only=True)
+            load_engine_checkpoint(disc_engine, resume_dir, "discriminator")
+        state = safe_load(os.path.join(resume_dir, "trainer.pt"))
         step = state["step"]
         data_state = state["sampler"][rank]
         sampler.load_state_dict(data_state)
@@ -140,7 +146,7 @@ def train(cfg, resume: str | None) -> None:
             from safetensors.torch import load_file
 
             ema.load_state_dict(load_file(os.path.join(resume_dir, "ema.safetensors")))
-        set_rng_state(torch.load(os.path.join(resume_dir, f"rng_rank{rank}.pt"), weights_only=True))
+        set_rng_state(safe_load(os.path.join(resume_dir, f"rng_rank{rank}.pt")))
     else:
         seed_everything(run.seed + rank)  # per-rank augmentation randomness
     last_ckpt = resume_dir
@@ -156,9 +162,8 @@ def train(cfg, resume: str | None) -> None:
     def save(step: int) -> str:
         try:
             return write_checkpoint(step)
-        except OSError as e:  # full disk, lost mount: the earlier checkpoints are untouched, resume from them
-            raise TrainingError(f"writing the step {step} checkpoint failed ({first_line(e)}); last complete "
-                                f"checkpoint: {last_ckpt or 'none'}") from None
+        except SAVE_ERRORS as e:  # full disk, lost mount: the earlier checkpoints are untouched, resume from them
+            raise save_failed(e, ckpt, step, last_ckpt) from None
 
     def write_checkpoint(step: int) -> str:
         tmp = ckpt.tmp_dir(step)
@@ -206,16 +211,20 @@ def train(cfg, resume: str | None) -> None:
             continue
         empty_run = 0
         images = images.to(device)
-        out = engine(images.to(dtype))
+        out = engine(images)  # autocast to run.precision inside the engine (its torch_autocast section)
         target = match_size(images, engine.module.image_size)
-        teacher_feats = None
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_feats = teacher(images.to(dtype))
-        last_layer = None if zero3 else engine.module.decoder.last_layer.weight
-        gl = generator_loss(out, target, loss_cfg, step, perceptual, disc_engine.module if disc_engine else None,
-                            teacher_feats, last_layer)
+        with autocast(run.precision, device):
+            teacher_feats = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_feats = teacher(images)
+            last_layer = None if zero3 else engine.module.decoder.last_layer.weight
+            gl = generator_loss(out, target, loss_cfg, step, perceptual, disc_engine.module if disc_engine else None,
+                                teacher_feats, last_layer)
         if not guard.check(gl.total, step, last_ckpt):
+            if not bool(torch.isfinite(out.features).all()):  # checked only here: no extra sync on good steps
+                raise TrainingError(f"step {step}: the encoder produced NaN or inf features (a corrupt image or "
+                                    f"diverged encoder weights); last complete checkpoint: {last_ckpt or 'none'}")
             logger.info(f"step {step}: non-finite loss skipped ({guard.total} so far)")
             continue
         boundary = engine.is_gradient_accumulation_boundary()
@@ -280,7 +289,6 @@ def calibrate_quantizer(model, data_cfg, batch_size: int, rank: int, world: int,
     """Standardise the quantizer's input with feature statistics of a sample of the training data (all ranks
     pooled), before the first step of stage 1; later stages and resumed runs load them with the weights."""
     from vqrae.data import build_dataloader
-    from vqrae.trainer import moments_to_stats
 
     try:
         loader, _ = build_dataloader(data_cfg, batch_size, rank, world)
@@ -288,11 +296,10 @@ def calibrate_quantizer(model, data_cfg, batch_size: int, rank: int, world: int,
         raise TrainingError(f"data.source '{data_cfg.source}': {first_line(e)}") from None
     model.encoder.to(device)
     with torch.random.fork_rng(devices=[]):  # a DataLoader draws its seed from the global RNG; leave it untouched
-        moments = _sample_moments(model, loader, num_batches, device)
-    if moments is None:
+        stats = _sample_stats(model, loader, num_batches, device)
+    if stats is None:
         raise TrainingError(f"data.source '{data_cfg.source}': no readable image in the first {num_batches} batches")
-    d = model.encoder.dim
-    model.quantizer.calibrate(*moments_to_stats(moments[:d], moments[d : 2 * d], moments[2 * d]))
+    model.quantizer.calibrate(*stats.mean_std())
     if model.cfg.quantizer.init == "kmeans":
         _kmeans_codebook(model, loader, batch_size, device)
 
@@ -319,18 +326,31 @@ def _kmeans_codebook(model, loader, batch_size: int, device, min_tokens: int = 6
             dist.broadcast(t, src=0)
 
 
-def _sample_moments(model, loader, num_batches: int, device):
+def _sample_stats(model, loader, num_batches: int, device):
+    """Feature statistics of this rank's first ``num_batches`` batches, merged over all ranks (every rank
+    ends with the same values); None when no rank read an image."""
     import itertools
 
-    from vqrae.trainer import feature_moments
-    from vqrae.training import all_reduce_sum
+    import torch.distributed as dist
+
+    from vqrae.quantizer import FeatureStats
+    from vqrae.trainer import feature_stats, merge_stats
 
     batches = (b.pixels.to(device) for b in itertools.islice(loader, num_batches) if b.pixels.shape[0])
-    total, sq, count = feature_moments(model.encoder, batches)
-    if total is None:
-        return None
-    return all_reduce_sum(torch.cat([total, sq, count.view(1)]).to(device))
-
+    try:
+        stats = feature_stats(model.encoder, batches)
+    except ValueError as e:  # NaN/inf features: a corrupt image or broken encoder weights
+        raise TrainingError(f"quantizer calibration: {first_line(e)}") from None
+    d = model.encoder.dim
+    mine = torch.zeros(2 * d + 1, dtype=torch.float64, device=device)  # count, mean, M2 (count 0: no image)
+    if stats is not None:
+        mine = torch.cat([stats.count.view(1), stats.mean, stats.m2]).to(device)
+    parts = [mine]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, mine)
+    parts = [FeatureStats(p[0], p[1 : d + 1], p[d + 1 :]) for p in parts if p[0] > 0]
+    return merge_stats(parts) if parts else None
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ CASES = [
     (TOKENIZER, "unknown loss kind", tok("loss.recon=l3"), r"loss.recon: unknown reconstruction loss 'l3'"),
     # -- data
     (TOKENIZER, "empty data source", tok("data.source=''"), r"data.source is empty"),
-    (TOKENIZER, "missing data folder", tok("data.source={tmp}/no_such_dir"), r"Couldn't find any data file", LATE),
+    (TOKENIZER, "missing data folder", tok("data.source={tmp}/no_such_dir"), r"is not an existing folder or file", LATE),
     (TOKENIZER, "no shards match", tok("data.source={tmp}/shards/*.tar"), r"no shards match", LATE),
     (TOKENIZER, "fewer images than a batch", tok("data.source={few}"),
      r"2 rows over 1 ranks do not fill one batch of 4", LATE),
@@ -212,7 +212,7 @@ CASES = [
     (MLLM, "codes of another vqrae", mllm("data.generation.codes_from={other_codes}"), r"computed by another VQRAE",
      LATE),
     (MLLM, "codes_from without codes", mllm("data.generation.codes_from={tmp}"), r"holds no codes.json"),
-    (MLLM, "missing generation data", mllm("data.generation.source={tmp}/no_data"), r"Couldn't find any data file",
+    (MLLM, "missing generation data", mllm("data.generation.source={tmp}/no_data"), r"is not an existing folder or file",
      LATE),
     (MLLM, "unknown caption column", mllm("data.generation.caption_column=nope"), r"data.generation: .*'nope'", LATE),
     (MLLM, "batch not divisible", mllm("run.batch_size=3"), r"not divisible by micro_batch_size 2"),

@@ -123,8 +123,7 @@ def test_perceptual_random_backbone(lpips_vgg):
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
-def test_perceptual_loads_local_trunk(tmp_path, fmt):
+def test_perceptual_loads_local_trunk(tmp_path):
     from safetensors.torch import save_file
 
     source = PerceptualLoss(net="squeeze", backbone="random")
@@ -134,8 +133,11 @@ def test_perceptual_loads_local_trunk(tmp_path, fmt):
     # the same tensors under torchvision's names: features.N.* (sliceK.N.* inside lpips)
     state = {f"features.{k.split('.', 1)[1]}": v.clone() for k, v in source.lpips.net.state_dict().items()}
     state["classifier.1.weight"] = torch.zeros(3, 3)  # classifier keys of a full checkpoint are ignored
-    path = str(tmp_path / f"trunk.{fmt}")
-    save_file(state, path) if fmt == "safetensors" else torch.save(state, path)
+    path = str(tmp_path / "trunk.safetensors")
+    save_file(state, path)
+    torch.save(state, tmp_path / "trunk.pth")
+    with pytest.raises(ValueError, match="not a .safetensors file"):  # a pickle can run code when loaded
+        PerceptualLoss(net="squeeze", backbone=str(tmp_path / "trunk.pth"))
 
     assert not torch.equal(PerceptualLoss(net="squeeze", backbone="random").lpips.net.slice1[0].weight, source.lpips.net.slice1[0].weight)
     loaded = PerceptualLoss(net="squeeze", backbone=path)
@@ -147,8 +149,10 @@ def test_perceptual_loads_local_trunk(tmp_path, fmt):
 
 
 def test_perceptual_rejects_incomplete_trunk(tmp_path):
-    path = str(tmp_path / "bad.pth")
-    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, path)
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "bad.safetensors")
+    save_file({"features.0.weight": torch.zeros(64, 3, 3, 3)}, path)
     with pytest.raises(ValueError, match="lacks"):
         PerceptualLoss(net="squeeze", backbone=path)
     with pytest.raises(ValueError, match="not found"):

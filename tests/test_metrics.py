@@ -166,11 +166,13 @@ def test_fid_without_weights_is_one_line_error(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("content", ["garbage", "wrong_keys"])
 def test_fid_unloadable_weights_is_one_line_error(tmp_path, content):
-    path = tmp_path / "inception.pth"
+    from safetensors.torch import save_file
+
+    path = tmp_path / "inception.safetensors"
     if content == "garbage":
         path.write_bytes(b"not a checkpoint")
     else:
-        torch.save({"conv.weight": torch.zeros(1)}, path)
+        save_file({"conv.weight": torch.zeros(1)}, str(path))
     with pytest.raises(ValueError) as err:
         FIDMetric(str(path))
     assert "\n" not in str(err.value) and "--inception-weights" in str(err.value)
@@ -187,8 +189,10 @@ def random_inception_file(tmp_path_factory):
     for mod in net.modules():
         if isinstance(mod, torch.nn.Conv2d):  # kaiming keeps the random features away from zero
             mod.weight.data.normal_(0.0, math.sqrt(2.0 / mod.weight[0].numel()), generator=gen)
-    path = tmp_path_factory.mktemp("inception") / "inception.pth"
-    torch.save(net.state_dict(), path)
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
     return str(path), net.state_dict()
 
 

@@ -21,7 +21,7 @@ from tests.helpers import NUM_TOKENS, write_tiny_assets
 from vqrae import VQRAE
 from vqrae.config import ConfigError, load_config
 from vqrae.data import SampleKey
-from vqrae.training import RunConfig, TrainingError
+from vqrae.training import RunConfig, TrainingError, autocast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -140,15 +140,24 @@ def test_vqrae_stays_outside_the_module_and_gets_no_gradients(assets):
     assert all(p.dtype == torch.float32 for p in vqrae.parameters())
 
 
-def test_export_keeps_the_stored_vqrae_while_computing_in_bfloat16(assets, tmp_path):
+def test_bf16_codes_come_from_the_exact_fp32_search_and_export_keeps_the_stored_vqrae(assets, tmp_path):
     cfg = train_config(assets)
+    cfg.run.precision = "bf16"
     model, vqrae_dir = build_model(cfg)
+    assert model.llm.dtype == torch.float32 and model.cfg.dtype == "bfloat16"  # fp32 master, bf16 recorded
     vqrae = unregister_vqrae(model)
-    place_vqrae(vqrae, CPU, torch.bfloat16)
-    assert vqrae.encoder.model.patch_embed.proj.weight.dtype == torch.bfloat16
-    assert next(vqrae.decoder.parameters()).dtype == torch.float32  # unused in training: left alone
-    images = torch.rand(2, 3, 32, 32) * 2 - 1
-    assert model.tokenize_images(images).shape == (2, NUM_TOKENS)
+    place_vqrae(vqrae, CPU)
+    assert vqrae.encoder.model.patch_embed.proj.weight.dtype == torch.float32
+    assert vqrae.quantizer.base_codebook.dtype == torch.float32
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    with autocast("bf16", CPU):
+        ids = model.tokenize_images(images)
+        feats = vqrae.encode(images)
+    assert not torch.equal(feats, vqrae.encode(images))  # the encoder's matrix products did run in bf16
+    z = vqrae.quantizer.project(feats.float())
+    brute = torch.cdist(z, vqrae.quantizer.codebook).argmin(-1)
+    assert torch.equal(model.ids_to_image_codes(ids), brute)
     export_model(model, str(tmp_path / "export"), vqrae_dir)
     stored = load_file(os.path.join(assets["vqrae"], "model.safetensors"))
     exported = load_file(str(tmp_path / "export" / "vqrae" / "model.safetensors"))

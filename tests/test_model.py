@@ -116,3 +116,20 @@ def test_decode_indices_matches_forward_reconstruction(tiny_config):
         out = model(x)
         assert torch.allclose(model.decode_indices(out.indices), out.reconstruction, atol=1e-5)
         assert torch.equal(model.tokenize(x), out.indices)
+
+
+def test_a_bf16_weights_file_loads_into_the_fp32_model_it_describes(tmp_path, tiny_config):
+    """A checkpoint whose weights were stored in bf16 (by a bf16 trainer or a user's cast) loads as the same model
+    in fp32, buffers included; the quantizer's fp32 search then runs on the rounded weights."""
+    torch.manual_seed(0)
+    model = VQRAE(tiny_config).eval()
+    bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.save_pretrained(str(tmp_path / "ckpt"), state_dict=bf16)
+    loaded = VQRAE.from_pretrained(str(tmp_path / "ckpt")).eval()
+    assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    rounded = VQRAE(tiny_config).eval()
+    rounded.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in bf16.items()})
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded(x).indices, rounded(x).indices)
+        assert torch.equal(loaded(x).reconstruction, rounded(x).reconstruction)

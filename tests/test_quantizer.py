@@ -137,3 +137,41 @@ def test_kmeans_init_puts_codes_on_the_data_and_keeps_w(cls):
 def test_build_rejects_unknown_init():
     with pytest.raises(ValueError, match="quantizer.init must be"):
         build_quantizer(QuantizerConfig(codebook_size=8, codebook_dim=4, init="pca"), dim=4)
+
+
+@pytest.mark.parametrize("cls", [SimVQ, VectorQuantizer])
+def test_under_bf16_autocast_the_quantizer_is_the_fp32_quantizer(cls):
+    """The search, codebook and loss terms run in fp32 whatever the surrounding precision (run.precision: bf16)."""
+    torch.manual_seed(0)
+    q = cls(dim=48, codebook_size=512, codebook_dim=32)
+    if cls is SimVQ:  # a W that is not the identity, so C = C'W^T is a real matrix product
+        with torch.no_grad():
+            q.codebook_transform.weight.add_(0.1 * torch.randn(32, 32))
+    x = torch.randn(4, 64, 48)
+    ref = q(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(x)
+        codes = q.indices_to_codes(out.indices)
+    z = q.project(x).reshape(-1, 32)
+    assert torch.equal(out.indices.flatten(), torch.cdist(z.double(), q.codebook.double()).argmin(-1))
+    assert torch.equal(out.indices, ref.indices)
+    assert out.quantized.dtype == out.codebook_loss.dtype == out.commit_loss.dtype == codes.dtype == torch.float32
+    torch.testing.assert_close(out.quantized, ref.quantized, rtol=0, atol=0)
+    torch.testing.assert_close(codes, q.indices_to_codes(ref.indices), rtol=0, atol=0)
+
+
+def test_calibrate_refuses_non_finite_statistics():
+    q = SimVQ(dim=4, codebook_size=8, codebook_dim=4)
+    with pytest.raises(ValueError, match="not finite"):
+        q.calibrate(torch.tensor([0.0, float("nan"), 0.0, 0.0]), torch.ones(4))
+    assert torch.equal(q.feature_mean, torch.zeros(4))  # nothing half-applied
+
+
+def test_tokenize_refuses_nan_features_instead_of_code_zero(tiny_config):
+    from vqrae import VQRAE
+
+    model = VQRAE(tiny_config).eval()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    images[1, :, :8, :8] = float("nan")
+    with pytest.raises(ValueError, match=r"rows hold NaN or inf values"):
+        model.tokenize(images)

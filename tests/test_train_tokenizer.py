@@ -95,3 +95,21 @@ def test_stage_2_without_stage_1_is_a_one_line_error(tmp_path):
                            f"init_from={tmp_path}/missing", "data.source=x"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "run stage 1 first" in proc.stderr
+
+
+def test_bf16_on_two_ranks_with_zero2_trains_and_exports_a_loadable_fp32_model(images, tmp_path):
+    """bf16 autocast over fp32 master weights with gradients reduced across ranks (the GAN's engine too)."""
+    from vqrae import VQRAE
+
+    out = str(tmp_path / "bf16")
+    proc = deepspeed_run("scripts/train_tokenizer.py", "configs/tokenizer/tiny_stage1.yaml", f"data.source={images}",
+                         "run.precision=bf16", "run.zero_stage=2", "run.steps=3", "run.log_every=1",
+                         "loss.perceptual_weight=0", "loss.gan_start_step=0", f"run.output_dir={out}")
+    log = proc.stdout + proc.stderr
+    assert "zero 2, bf16" in log
+    total = losses(log, "loss/loss")
+    assert len(total) == 3 and all(v == v for v in total) and losses(log, "loss/disc")
+    model = VQRAE.from_pretrained(os.path.join(out, "model"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    images_in = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert model.tokenize(images_in).shape == (2, 16)

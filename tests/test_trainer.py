@@ -6,8 +6,8 @@ import torch
 from vqrae import VQRAE
 from vqrae.losses import LossConfig
 from vqrae.trainer import (
-    TokenizerTrainConfig, build_discriminator, discriminator_loss, feature_moments, generator_loss, make_teacher,
-    moments_to_stats, set_stage, tokenizer_param_groups,
+    TokenizerTrainConfig, build_discriminator, discriminator_loss, feature_stats, generator_loss, make_teacher,
+    merge_stats, set_stage, tokenizer_param_groups,
 )
 from vqrae.training import (
     EMA, Checkpointer, NonFiniteGuard, OptimConfig, RunConfig, TrainingError, deepspeed_config, param_groups,
@@ -115,7 +115,11 @@ def test_tokenizer_groups_give_each_trainable_parameter_one_lr(tiny_config, stag
 
 def test_deepspeed_config_accumulation_and_errors():
     cfg = deepspeed_config(RunConfig(batch_size=64, micro_batch_size=8), OptimConfig(grad_clip=0.5), world_size=2)
-    assert cfg["gradient_accumulation_steps"] == 4 and cfg["gradient_clipping"] == 0.5 and cfg["bf16"]["enabled"]
+    assert cfg["gradient_accumulation_steps"] == 4 and cfg["gradient_clipping"] == 0.5
+    # bf16 is autocast over fp32 master weights, never DeepSpeed's bf16 mode (which casts parameters, not buffers)
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not cfg["bf16"]["enabled"]
+    fp32 = deepspeed_config(RunConfig(batch_size=8, micro_batch_size=8, precision="fp32"), OptimConfig(), 1)
+    assert not fp32["torch_autocast"]["enabled"] and not fp32["bf16"]["enabled"]
     with pytest.raises(TrainingError, match="not divisible"):
         deepspeed_config(RunConfig(batch_size=10, micro_batch_size=4), OptimConfig(), world_size=1)
     with pytest.raises(TrainingError, match="precision"):
@@ -126,6 +130,14 @@ def test_deepspeed_json_overrides_zero_stage(tmp_path):
     run = RunConfig(batch_size=8, micro_batch_size=8, zero_stage=1, deepspeed_config="configs/deepspeed/zero3.json")
     cfg = deepspeed_config(run, OptimConfig(), 1)
     assert cfg["zero_optimization"]["stage"] == 3 and run.zero_stage == 3
+
+
+def test_deepspeed_json_cannot_switch_precision_behind_run_precision(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"bf16": {"enabled": true}}')
+    run = RunConfig(batch_size=8, micro_batch_size=8, deepspeed_config=str(path))
+    with pytest.raises(TrainingError, match=r"sets 'bf16'; set run.precision \(bf16 or fp32\) instead"):
+        deepspeed_config(run, OptimConfig(), 1)
 
 
 def test_ema_tracks_trainable_params_only(tiny_config):
@@ -178,16 +190,33 @@ def test_nonfinite_guard_skips_then_aborts():
     assert g.total == 3
 
 
-def test_feature_moments_match_brute_force_and_stay_on_the_features_device():
+def test_feature_stats_match_brute_force_across_batches_and_ranks():
     torch.manual_seed(0)
-    batches = [torch.randn(2, 5, 3), torch.randn(4, 5, 3)]
-    total, sq, count = feature_moments(torch.nn.Identity(), iter(batches))
+    batches = [torch.randn(2, 5, 3), torch.randn(4, 5, 3), torch.randn(1, 5, 3)]
+    stats = feature_stats(torch.nn.Identity(), iter(batches))
     flat = torch.cat([b.flatten(0, 1) for b in batches])
-    assert count.item() == flat.shape[0]
-    mean, std = moments_to_stats(total, sq, count)
+    assert stats.count.item() == flat.shape[0]
+    mean, std = stats.mean_std()
     torch.testing.assert_close(mean, flat.mean(0))
     torch.testing.assert_close(std, flat.std(0, unbiased=False))
-    # on an accelerator the three are concatenated for one all-reduce: all must live where the features do
-    total, sq, count = feature_moments(torch.nn.Identity(), iter([torch.empty(2, 5, 3, device="meta")]))
-    assert {t.device.type for t in (total, sq, count)} == {"meta"}
-    torch.cat([total, sq, count.view(1)])
+    # ranks merge the same way batches do
+    ranks = [feature_stats(torch.nn.Identity(), iter(batches[:2])), feature_stats(torch.nn.Identity(), iter(batches[2:]))]
+    torch.testing.assert_close(merge_stats(ranks).mean_std(), (mean, std))
+    assert feature_stats(torch.nn.Identity(), iter([])) is None
+
+
+def test_feature_stats_keep_a_small_spread_around_a_large_mean():
+    # E[x^2] - mean^2 in fp32 gives std 0 here, which the quantizer's 1e-6 clamp would blow up 10^4x
+    torch.manual_seed(0)
+    batches = [1e3 + 1e-2 * torch.randn(4, 64, 2) for _ in range(8)]
+    flat = torch.cat([b.flatten(0, 1) for b in batches]).double()
+    _, std = feature_stats(torch.nn.Identity(), iter(batches)).mean_std()
+    torch.testing.assert_close(std.double(), flat.std(0, unbiased=False), rtol=0.01, atol=0)
+    assert ((std - 1e-2).abs() / 1e-2 < 0.05).all()
+
+
+def test_a_nan_feature_is_a_one_line_error_not_code_zero():
+    batch = torch.randn(2, 5, 3)
+    batch[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^1 of 10 encoder feature rows hold NaN or inf values$"):
+        feature_stats(torch.nn.Identity(), iter([batch]))

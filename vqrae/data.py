@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import os
 import warnings
 from collections import Counter
@@ -24,6 +25,7 @@ from typing import Any, Iterator, NamedTuple
 import braceexpand
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from datasets.distributed import split_dataset_by_node
 from omegaconf import MISSING
@@ -351,25 +353,92 @@ def _shard_files(pattern: str) -> list[str]:
     return files
 
 
+_METADATA = {"metadata.jsonl": "JSON lines", "metadata.csv": "CSV"}  # the text files imagefolder reads
+
+
+def _metadata_problem(folder: str, whole_tree: bool, parse_json: bool) -> str | None:
+    """The first metadata file of ``folder`` (or of its whole tree) that is not UTF-8, or with ``parse_json`` a
+    ``metadata.jsonl`` line that is not a JSON object, as a one-line message; None when all are readable."""
+    if whole_tree:
+        paths = [os.path.join(d, n) for d, _, names in sorted(os.walk(folder)) for n in sorted(names) if n in _METADATA]
+    else:
+        paths = [p for p in (os.path.join(folder, n) for n in _METADATA) if os.path.isfile(p)]
+    for path in paths:
+        kind = _METADATA[os.path.basename(path)]
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError:
+                    return f"metadata file '{path}' is not UTF-8 (line {number}): it must be UTF-8 {kind}"
+                if not (parse_json and kind == "JSON lines" and text.strip()):
+                    continue
+                try:
+                    is_object = isinstance(json.loads(text), dict)
+                except ValueError:
+                    is_object = False
+                if not is_object:
+                    return f"metadata file '{path}' line {number} is not a JSON object: it must be UTF-8 JSON lines"
+    return None
+
+
+def _load_folder(folder: str, cfg: DataConfig, **kwargs) -> datasets.Dataset | datasets.IterableDataset:
+    """``imagefolder`` rows of ``folder``; an unreadable metadata file is a one-line ``ValueError`` naming it."""
+    if cfg.streaming:  # a streamed folder reads its metadata only while iterating, in the loader's workers
+        problem = _metadata_problem(folder, whole_tree=False, parse_json=False)
+        if problem:
+            raise ValueError(problem)
+    try:
+        return datasets.load_dataset("imagefolder", **kwargs)
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowInvalid, UnicodeDecodeError) as err:
+        # datasets reports a bad metadata file without naming it; find it (only now: it reads every line)
+        problem = _metadata_problem(folder, whole_tree=True, parse_json=True)
+        cause = err.__cause__ or err
+        detail = " ".join(str(cause).split()) or type(cause).__name__
+        raise ValueError(problem or f"cannot load the image folder '{folder}': {detail}") from None
+
+
+def _looks_local(source: str) -> bool:
+    """A path the user meant as local: a hub id is ``name`` or ``owner/name`` with no such parent folder here."""
+    parent = os.path.dirname(source)
+    return source.startswith(("/", "./", "../", "~")) or (bool(parent) and os.path.isdir(parent))
+
+
 def open_source(cfg: DataConfig, cache_dir: str | None = None) -> datasets.Dataset | datasets.IterableDataset:
-    """Load ``cfg.source``'s split with only the needed columns and the image column undecoded."""
+    """Load ``cfg.source``'s split with only the needed columns and the image column undecoded.
+
+    Every problem with the source (a path that does not exist, an unreadable metadata file, a hub dataset
+    that cannot be reached) is a ``ValueError`` with a one-line message.
+    """
     if cfg.source in ("", MISSING):
         raise ValueError("data source is not set")
+    source = os.path.expanduser(cfg.source)
     kwargs = dict(split=cfg.split, streaming=cfg.streaming, cache_dir=cache_dir)
-    if cfg.source.endswith(".tar"):
-        files = _shard_files(cfg.source)
+    if source.endswith(".tar"):
+        files = _shard_files(source)
         if not files:
             raise ValueError(f"no shards match {cfg.source}")
+        missing = [f for f in files if "://" not in f and not os.path.isfile(f)]
+        if missing:
+            raise ValueError(f"shard '{missing[0]}' does not exist ({len(missing)} of {len(files)} shards missing)")
         rows = datasets.load_dataset("webdataset", data_files={cfg.split: files}, **kwargs)
-    elif os.path.isdir(os.path.join(cfg.source, cfg.split)):
+    elif os.path.isdir(os.path.join(source, cfg.split)):
         # a local folder with one sub-folder per split: naming the split's files skips the split-name inference
         # over every file of the folder, seconds per load on a few thousand images
-        files = {cfg.split: os.path.join(cfg.source, cfg.split, "**")}
-        rows = datasets.load_dataset("imagefolder", data_files=files, **kwargs)
-    elif os.path.isdir(cfg.source):
-        rows = datasets.load_dataset("imagefolder", data_dir=cfg.source, **kwargs)
+        split_dir = os.path.join(source, cfg.split)
+        rows = _load_folder(split_dir, cfg, data_files={cfg.split: os.path.join(split_dir, "**")}, **kwargs)
+    elif os.path.isdir(source):
+        rows = _load_folder(source, cfg, data_dir=source, **kwargs)
+    elif not os.path.exists(source) and _looks_local(source):
+        # datasets would take it for a hub id and fail on the network, naming neither the path nor the typo
+        raise ValueError(f"'{cfg.source}' is not an existing folder or file")
     else:
-        rows = datasets.load_dataset(cfg.source, **kwargs)
+        try:
+            rows = datasets.load_dataset(source, **kwargs)
+        except (ConnectionError, FileNotFoundError) as err:  # offline, or no such (or a gated) dataset
+            detail = " ".join(str(err).split()) or type(err).__name__
+            raise ValueError(f"hub dataset '{cfg.source}' cannot be loaded: the hub could not be reached or the id "
+                             f"was not found ({detail})") from None
     image_column, features = _image_column(rows.features, cfg), rows.features
     bad = [c for c in cfg.text_columns if c in _RESERVED or (features is not None and c not in features)]
     if bad:

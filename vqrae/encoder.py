@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .untrusted import refuse_pickle, refuse_pickled_weights, refuse_remote_code
+
 
 @dataclass
 class EncoderConfig:
@@ -77,6 +79,8 @@ class VFMEncoder(nn.Module):
         kwargs.setdefault("img_size", cfg.image_size)
         if cfg.weights and not os.path.isfile(cfg.weights):
             raise FileNotFoundError(f"encoder.weights file not found: {cfg.weights}")
+        if cfg.pretrained and cfg.weights:
+            refuse_pickle(cfg.weights, "encoder.weights", "convert it to a .safetensors file and point encoder.weights at it")
         if cfg.pretrained:
             # timm's own path for a local file: the pretrained_cfg 'file' entry, which also applies the
             # model's checkpoint filter (key remapping, position embedding resampling).
@@ -100,6 +104,11 @@ class VFMEncoder(nn.Module):
         from transformers import MODEL_MAPPING, AutoConfig
 
         source = cfg.weights or cfg.name
+        if (cfg.pretrained or not cfg.hf_config) and not cfg.trust_remote_code:  # transformers' refusal is multi-line
+            refuse_remote_code(source, "encoder", "set encoder.trust_remote_code=true")
+        if cfg.pretrained:
+            refuse_pickled_weights(source, "encoder", "only safetensors are loaded (use_safetensors=True): save the "
+                                   "model with save_pretrained, whose default is safetensors")
         if cfg.hf_config:
             hf_cfg = AutoConfig.for_model(**cfg.hf_config)
         else:
@@ -113,9 +122,11 @@ class VFMEncoder(nn.Module):
             if model_cls is None:
                 from transformers import AutoModel
 
-                model = AutoModel.from_pretrained(source, config=hf_cfg, trust_remote_code=cfg.trust_remote_code)
+                model = AutoModel.from_pretrained(
+                    source, config=hf_cfg, trust_remote_code=cfg.trust_remote_code, use_safetensors=True
+                )
             else:
-                model = model_cls.from_pretrained(source, config=hf_cfg)
+                model = model_cls.from_pretrained(source, config=hf_cfg, use_safetensors=True)
         else:
             _pretrained_warning(cfg.name)
             if model_cls is None:

@@ -22,7 +22,7 @@ class LossConfig:
     recon_weight: float = 1.0
     perceptual_weight: float = 1.1  # LPIPS term
     lpips_net: str = "vgg"  # LPIPS trunk: "vgg", "alex" or "squeeze"
-    lpips_backbone: str = "pretrained"  # "pretrained" (torchvision ImageNet weights via the torch hub cache), "random" (offline tests) or a path to a local state dict (.pth/.safetensors)
+    lpips_backbone: str = "pretrained"  # "pretrained" (torchvision ImageNet weights via the torch hub cache), "random" (offline tests) or a path to a local state dict (.safetensors)
     gan_weight: float = 0.1  # multiplies the adaptive weight below
     gan_start_step: int = 50000  # the generator sees the adversarial term from this step on
     adaptive_gan_weight: bool = True  # scale the GAN term by ||grad nll|| / ||grad g|| at the decoder's last layer
@@ -30,8 +30,9 @@ class LossConfig:
     disc_layers: int = 3  # stride-2 conv blocks in the PatchGAN discriminator
     disc_channels: int = 64  # width of its first conv
     distill_weight: float = 1.0  # lambda_d: self-distillation to the frozen encoder, stage 2 only
-    codebook_weight: float = 1.0  # ||sg(z) - q||^2
-    commit_weight: float = 0.25  # beta in ||z - sg(q)||^2
+    # Quantizer loss ||sg(c) - z||^2 + beta ||c - sg(z)||^2, z the projected encoder token, c its code:
+    commit_weight: float = 1.0  # ||sg(c) - z||^2, moves the encoder side (projection; encoder in stage 2) to its code
+    codebook_weight: float = 0.25  # beta: ||c - sg(z)||^2, moves the codebook (W) toward the encoder
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -44,15 +45,15 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> 
 
 
 def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    from .untrusted import read_safetensors
 
-        return load_file(path, device="cpu")
-    # weights_only: a state dict holds tensors only, so refuse arbitrary pickled objects
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
-    return state
+    # A pickled state dict (.pth) can run code when loaded; the trunk is read from safetensors only.
+    if not path.endswith(".safetensors"):
+        raise ValueError(
+            f"LPIPS backbone '{path}' is not a .safetensors file (pickles such as .pth can run code when loaded); "
+            "convert it once with safetensors.torch.save_file and set lpips_backbone to that file"
+        )
+    return read_safetensors(path, "LPIPS backbone")
 
 
 class PerceptualLoss(nn.Module):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections import deque
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from .losses import PerceptualLoss
@@ -177,31 +179,43 @@ class ReconstructionMetrics:
         return out
 
 
-_INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's pt_inception-2015-12-05
+_INCEPTION_PTH = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's pt_inception-2015-12-05
+_INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.safetensors"  # the same tensors, read without unpickling
 
 
 class FIDMetric:
     """Frechet Inception Distance (torchmetrics, 2048-d pool features of torch-fidelity's InceptionV3).
 
-    Never downloads: the weights come from ``weights_path`` or from the torch hub cache, where torch-fidelity
-    stores them; anything else is a ``ValueError`` with a one-line message saying how to provide them.
+    Never downloads: the weights come from ``weights_path`` or from the torch hub cache; anything else is a
+    ``ValueError`` with a one-line message saying how to provide them. They are read from safetensors only:
+    torch-fidelity's own ``.pth`` is a pickle, refused like every pickle (convert it once with
+    ``safetensors.torch.save_file(torch.load(pth, weights_only=True), out)``).
 
     Args:
-        weights_path: local copy of the torch-fidelity Inception weights (``pt_inception-2015-12-05``);
-            None reads ``<torch hub dir>/checkpoints/weights-inception-2015-12-05-6726825d.pth``.
+        weights_path: safetensors copy of the torch-fidelity Inception weights (``pt_inception-2015-12-05``);
+            None reads ``<torch hub dir>/checkpoints/weights-inception-2015-12-05-6726825d.safetensors``.
     """
 
     def __init__(self, weights_path: str | None = None):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         path = weights_path or os.path.join(torch.hub.get_dir(), "checkpoints", _INCEPTION_FILE)
-        how = f"pass --inception-weights PATH to a copy of {_INCEPTION_FILE} or place it in {torch.hub.get_dir()}/checkpoints"
+        how = (f"pass --inception-weights PATH to a safetensors copy of torch-fidelity's {_INCEPTION_PTH} "
+               f"or place it in {torch.hub.get_dir()}/checkpoints as {_INCEPTION_FILE}")
         if not os.path.isfile(path):
             raise ValueError(f"FID Inception weights not found at {path}; {how}")
+        if not path.endswith(".safetensors"):  # torch-fidelity unpickles its .pth with weights_only=False
+            raise ValueError(
+                f"FID Inception weights '{path}' are not a .safetensors file (pickles can run code when loaded); "
+                f"convert them once with safetensors.torch.save_file and pass that file with --inception-weights"
+            )
         try:
-            # torch-fidelity unpickles the file with weights_only=False; check first that it holds tensors only
-            torch.load(path, map_location="cpu", weights_only=True)
-            self.fid = FrechetInceptionDistance(feature=2048, normalize=False, feature_extractor_weights_path=path)
+            state = load_file(path, device="cpu")
+            # torch-fidelity reads only a torch.save file: hand it a private copy holding the tensors just read
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = os.path.join(tmp, "inception.pt")
+                torch.save(state, copy)
+                self.fid = FrechetInceptionDistance(feature=2048, normalize=False, feature_extractor_weights_path=copy)
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"cannot load FID Inception weights from {path} ({msg}); {how}") from None

@@ -9,12 +9,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .config import from_dict, to_dict
+from .config import ConfigError, from_dict, to_dict
 from .decoder import DecoderConfig, build_decoder
 from .encoder import EncoderConfig, VFMEncoder
-from .quantizer import QuantizerConfig, build_quantizer
+from .hub import push_folder, resolve
+from .quantizer import QuantizerConfig, build_quantizer, check_finite_features
+from .untrusted import read_safetensors, refuse_pickled_weights
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
@@ -86,8 +88,10 @@ class VQRAE(nn.Module):
 
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor) -> torch.Tensor:
-        """images -> code indices (B, N)."""
-        return self.quantizer(self.encoder(images)).indices
+        """images -> code indices (B, N); a NaN or inf feature is a ``ValueError``, never a silent code 0."""
+        features = self.encoder(images)
+        check_finite_features(features, "encoder feature")
+        return self.quantizer(features).indices
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """code indices (B, N) -> images (B, 3, H, W) in [-1, 1] scale."""
@@ -117,19 +121,85 @@ class VQRAE(nn.Module):
         file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no VQRAE checkpoint at '{path}' (missing {CONFIG_NAME})")
-        with open(file) as f:
-            return from_dict(VQRAEConfig, yaml.safe_load(f))
+        try:
+            with open(file) as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"VQRAE config '{file}' is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"VQRAE config '{file}' holds no settings")
+        return from_dict(VQRAEConfig, data)
 
     @classmethod
-    def from_pretrained(cls, path: str, map_location: str | torch.device = "cpu") -> "VQRAE":
-        """Rebuild from a ``save_pretrained`` directory with nothing else (no hub access)."""
+    def from_pretrained(
+        cls, path: str, map_location: str | torch.device = "cpu", trust_remote_code: bool = False,
+        revision: Optional[str] = None,
+    ) -> "VQRAE":
+        """Rebuild from a ``save_pretrained`` directory, or a hub id (``owner/name``) at ``revision``, with nothing
+        else: a hub id is fetched once into the Hugging Face cache (``vqrae.hub.resolve``) and read from there.
+
+        ``trust_remote_code`` is the caller's decision: a saved config whose encoder needs model code shipped
+        with it (``encoder.trust_remote_code``, an ``auto_map``) is refused without it, and weights are read
+        from ``model.safetensors`` only.
+        """
+        path = resolve(path, revision, "VQRAE checkpoint")
         cfg = cls.load_config(path)
+        _refuse_widening(cfg.encoder, path, trust_remote_code)
         cfg.encoder.pretrained = False
+        cfg.encoder.weights = None  # the weights are the ones saved here; never read another file
+        cfg.encoder.trust_remote_code = cfg.encoder.trust_remote_code and trust_remote_code
+        file = os.path.join(path, WEIGHTS_NAME)
+        if not os.path.isfile(file):
+            refuse_pickled_weights(path, "VQRAE checkpoint", f"only {WEIGHTS_NAME} is read: save it with "
+                                   "VQRAE.save_pretrained")
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # random init is immediately overwritten by the saved weights
             model = cls(cfg)
-        state = load_file(os.path.join(path, WEIGHTS_NAME), device=str(map_location))
-        model.load_state_dict(state, strict=True)
+        state = read_safetensors(file, "VQRAE weights", device=str(map_location))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:  # weights of another architecture than config.yaml describes
+            detail = " ".join(str(e).split())[:300]
+            raise ConfigError(f"VQRAE weights '{file}' do not match {CONFIG_NAME}: {detail}") from None
         return model
+
+    def push_to_hub(
+        self, repo_id: str, revision: Optional[str] = None, private: Optional[bool] = None,
+        commit_message: str = "Upload VQRAE", run_dir: Optional[str] = None,
+    ):
+        """Upload ``save_pretrained`` output plus a model card to hub repo ``repo_id`` (created if missing).
+
+        ``run_dir``: a training output directory (or the export in it) whose ``train_config.yaml`` data source
+        and ``metrics.json`` go into the card. Returns the hub's ``CommitInfo``.
+        """
+        return push_folder(self.save_pretrained, "vqrae", repo_id, revision, private, commit_message, run_dir)
+
+
+# timm create_model arguments that read a file: a saved config rebuilds from model.safetensors alone.
+_FILE_KWARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay")
+
+
+def _refuse_widening(enc: EncoderConfig, path: str, trust_remote_code: bool) -> None:
+    """Saved encoder settings that would run or read more than the checkpoint itself need the caller's consent
+    (remote code) or are refused outright (extra files)."""
+    opt_in = "pass trust_remote_code=True (training: model.encoder.trust_remote_code=true)"
+    if not trust_remote_code:
+        if enc.trust_remote_code:
+            raise ConfigError(
+                f"VQRAE checkpoint '{path}' asks to run model code shipped with its encoder "
+                f"(encoder.trust_remote_code: true in {CONFIG_NAME}); {opt_in} only if you trust its source"
+            )
+        if isinstance(enc.hf_config, dict) and "auto_map" in enc.hf_config:
+            raise ConfigError(
+                f"VQRAE checkpoint '{path}' names custom encoder code (encoder.hf_config.auto_map in {CONFIG_NAME}); "
+                f"{opt_in} only if you trust its source"
+            )
+    files = sorted(set(enc.model_kwargs) & set(_FILE_KWARGS))
+    if files:
+        raise ConfigError(f"VQRAE checkpoint '{path}': encoder.model_kwargs.{files[0]} in {CONFIG_NAME} would load "
+                          f"another file; a saved VQRAE loads {WEIGHTS_NAME} only")
+    if enc.backend == "hf" and not enc.hf_config:
+        raise ConfigError(f"VQRAE checkpoint '{path}' has no encoder.hf_config in {CONFIG_NAME}, so it cannot be "
+                          "rebuilt offline; save it again with VQRAE.save_pretrained")

@@ -31,8 +31,8 @@ class QuantizerConfig:
 class QuantizerOutput:
     quantized: torch.Tensor  # (B, N, D) straight-through codes in the encoder width
     indices: torch.Tensor  # (B, N) int64
-    codebook_loss: torch.Tensor  # ||sg(z) - q||^2: trains W (the codebook) toward the features
-    commit_loss: torch.Tensor  # ||z - sg(q)||^2: trains the projection (and encoder) toward the codes
+    codebook_loss: torch.Tensor  # ||c - sg(z)||^2: moves the codebook (W) toward the features
+    commit_loss: torch.Tensor  # ||sg(c) - z||^2: moves the projection (and in stage 2 the encoder) toward the codes
     latents: torch.Tensor  # (B, N, e) projected continuous features z
 
 
@@ -93,13 +93,57 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generator 
     return centroids
 
 
+@dataclass
+class FeatureStats:
+    """Per-channel count, mean and sum of squared deviations (M2) of features, in float64.
+
+    Merged batch by batch and rank by rank with Chan et al.'s pairwise update, never as E[x^2] - mean^2: a
+    channel with mean 1e3 and std 1e-2 has E[x^2] - mean^2 below fp32 resolution (std 0), and even float64 loses
+    digits to that cancellation as the mean grows.
+    """
+
+    count: torch.Tensor  # () float64
+    mean: torch.Tensor  # (D,) float64
+    m2: torch.Tensor  # (D,) float64
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "FeatureStats":
+        """Statistics of the rows of x (M, D), two-pass in float64."""
+        x = x.detach().double()
+        mean = x.mean(0)
+        return cls(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device), mean, (x - mean).pow(2).sum(0))
+
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        return FeatureStats(n, mean, self.m2 + other.m2 + delta.pow(2) * (self.count * other.count / n))
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and population std, as float32."""
+        return self.mean.float(), (self.m2 / self.count).sqrt().float()
+
+
+def check_finite_features(x: torch.Tensor, what: str = "features") -> None:
+    """Raise ``ValueError`` when a feature row holds NaN or inf: its nearest code would be meaningless
+    (every distance NaN), and the search would silently answer code 0."""
+    bad = ~torch.isfinite(x).all(dim=-1)
+    if bool(bad.any()):
+        raise ValueError(f"{int(bad.sum())} of {bad.numel()} {what} rows hold NaN or inf values")
+
+
 class SimVQ(nn.Module):
     """SimVQ with input/output projections.
 
-    Loss terms follow the VQ-VAE form ||sg(z) - q||^2 + beta ||z - sg(q)||^2 (beta = 0.25 by default): the
-    codebook term has weight 1 and the commitment term beta. The SimVQ reference implementation puts beta on
-    the codebook term instead; both weights are config fields (``loss.codebook_weight``,
-    ``loss.commit_weight``) applied by the training step, so either form is one setting away.
+    With z the projected encoder token and c its code, the quantizer loss is
+    ``||sg(c) - z||^2 + beta ||c - sg(z)||^2`` with beta = 0.25: the commitment term, which moves the encoder
+    side (projection, and the encoder in stage 2) toward its code, weighs 1; the codebook term, which moves
+    the codebook (W) toward the encoder, weighs beta, so the features are pulled toward the codes rather than
+    the shared codebook chasing every batch. ``forward`` returns both terms unweighted; the training step
+    applies ``loss.commit_weight`` (1.0) and ``loss.codebook_weight`` (0.25).
+
+    Everything here runs in fp32 with autocast off, whatever the surrounding precision: the search must find
+    the exact nearest code, and C = C'W^T in bf16 would move codes by more than the gaps between them.
 
     Args:
         dim: encoder width D.
@@ -130,7 +174,9 @@ class SimVQ(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Set the feature statistics (per channel, over a sample of the training data)."""
+        """Set the feature statistics (per channel, over a sample of the training data; ``FeatureStats``)."""
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise ValueError("quantizer calibration: the feature statistics are not finite (the encoder produced NaN or inf)")
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std.clamp_min(1e-6))
 
@@ -156,16 +202,18 @@ class SimVQ(nn.Module):
         self.set_codebook(kmeans(self.project(features.to(self.feature_mean)), self.codebook_size, iters, generator))
 
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
-        """x (B, N, D) continuous features -> straight-through quantized features and losses."""
-        z = self.project(x)  # (B, N, e)
-        codebook = self.codebook  # (K, e)
-        indices = nearest_code(z.reshape(-1, z.shape[-1]).detach(), codebook.detach(), self.search_chunk, self.token_chunk)
-        q = F.embedding(indices, codebook).view_as(z)  # gathers through W, so the codebook term trains W
-        codebook_loss = F.mse_loss(q.float(), z.detach().float())
-        commit_loss = F.mse_loss(z.float(), q.detach().float())
-        q_st = z + (q - z).detach()  # straight-through estimator
+        """x (B, N, D) continuous features -> straight-through quantized features and losses (all fp32)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = self.project(x.float())  # (B, N, e)
+            codebook = self.codebook  # (K, e)
+            indices = nearest_code(z.reshape(-1, z.shape[-1]).detach(), codebook.detach(), self.search_chunk, self.token_chunk)
+            q = F.embedding(indices, codebook).view_as(z)  # gathers through W, so the codebook term trains W
+            codebook_loss = F.mse_loss(q, z.detach())  # ||c - sg(z)||^2: gradient reaches W only
+            commit_loss = F.mse_loss(z, q.detach())  # ||sg(c) - z||^2: gradient reaches the projection/encoder only
+            q_st = z + (q - z).detach()  # straight-through estimator
+            quantized = self.proj_out(q_st)
         return QuantizerOutput(
-            quantized=self.proj_out(q_st),
+            quantized=quantized,
             indices=indices.view(z.shape[:-1]),
             codebook_loss=codebook_loss,
             commit_loss=commit_loss,
@@ -174,7 +222,8 @@ class SimVQ(nn.Module):
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, N) indices -> (B, N, D) features, the exact inverse used to decode generated codes."""
-        return self.proj_out(F.embedding(indices, self.codebook))
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            return self.proj_out(F.embedding(indices, self.codebook))
 
 
 class VectorQuantizer(SimVQ):

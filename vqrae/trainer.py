@@ -26,6 +26,7 @@ from .losses import (
     reconstruction_loss,
 )
 from .model import VQRAE, VQRAEConfig, VQRAEOutput
+from .quantizer import FeatureStats, check_finite_features
 from .training import OptimConfig, RunConfig
 
 
@@ -82,20 +83,24 @@ def make_teacher(encoder: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def feature_moments(encoder: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-channel sum, sum of squares and token count of the encoder's features over ``batches`` (image
-    tensors), to be summed across ranks and turned into the quantizer's calibration statistics."""
-    total = sq = count = None
+def feature_stats(encoder: nn.Module, batches) -> Optional[FeatureStats]:
+    """Per-channel statistics of the encoder's features over ``batches`` (image tensors), merged exactly in
+    float64 (``FeatureStats``); None when there was no batch. A NaN or inf feature is a ``ValueError``."""
+    stats = None
     for images in batches:
         f = encoder(images).float().flatten(0, 1)  # (B*N, D)
-        s, s2, n = f.sum(0), f.pow(2).sum(0), torch.tensor(float(f.shape[0]), device=f.device)
-        total, sq, count = (s, s2, n) if total is None else (total + s, sq + s2, count + n)
-    return total, sq, count
+        check_finite_features(f, "encoder feature")
+        batch = FeatureStats.of(f)
+        stats = batch if stats is None else stats.merge(batch)
+    return stats
 
 
-def moments_to_stats(total: torch.Tensor, sq: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = total / count
-    return mean, (sq / count - mean.pow(2)).clamp_min(0).sqrt()
+def merge_stats(parts: "list[FeatureStats]") -> FeatureStats:
+    """One ``FeatureStats`` from those of several ranks (in rank order, so every rank gets the same bits)."""
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.merge(part)
+    return out
 
 
 def build_discriminator(cfg: LossConfig) -> PatchDiscriminator:

@@ -7,15 +7,19 @@ non-finite step guard, and rank-0 logging to console, TensorBoard and a progress
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import sys
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors import SafetensorError
 
 log = logging.getLogger("vqrae")
 
@@ -149,6 +154,27 @@ def check_run_config(run: RunConfig, optim: OptimConfig, world_size: int) -> Non
         )
 
 
+# -- precision ------------------------------------------------------------------------------------------------
+# One design for both trainers. Parameters, gradients and optimizer states are fp32: DeepSpeed runs in its fp32
+# mode and its ZeRO partitions hold fp32 master weights. ``run.precision: bf16`` runs every forward pass and loss
+# under ``torch.autocast(bfloat16)``: DeepSpeed's ``torch_autocast`` section covers what runs inside an engine's
+# forward (and reduces the gradients of linear/conv weights in bf16), ``autocast`` below covers the loss terms
+# computed around it. Matrix products and convolutions then run in bf16, while buffers that must stay exact
+# (pixel mean/std, SimVQ's frozen base codebook C', the feature statistics) keep fp32 and never meet a bf16
+# parameter, which DeepSpeed's bf16 mode would cast (it casts parameters, not buffers). The quantizer turns
+# autocast off inside: its projection, codebook C = C'W^T, nearest-code search and loss terms are fp32 whatever
+# the precision, so its indices equal the fp32 exact search on the same features. Memory per trained parameter
+# equals DeepSpeed's bf16 mode: fp32 weight + fp32 grad + two fp32 Adam moments (16 B) against bf16 weight +
+# bf16 grad + fp32 master + two moments (16 B).
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of ``run.precision`` on ``device`` (a no-op context for fp32)."""
+    dtype = COMPUTE_DTYPES[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def deepspeed_config(run: RunConfig, optim: OptimConfig, world_size: int) -> Dict[str, Any]:
     check_run_config(run, optim, world_size)
     per_step = run.micro_batch_size * world_size
@@ -157,7 +183,8 @@ def deepspeed_config(run: RunConfig, optim: OptimConfig, world_size: int) -> Dic
         "train_micro_batch_size_per_gpu": run.micro_batch_size,
         "gradient_accumulation_steps": run.batch_size // per_step,
         "gradient_clipping": optim.grad_clip,
-        "bf16": {"enabled": run.precision == "bf16"},
+        "bf16": {"enabled": False},  # fp32 master weights; bf16 compute comes from torch_autocast (see above)
+        "torch_autocast": {"enabled": run.precision == "bf16", "dtype": "bfloat16"},
         "zero_optimization": {"stage": run.zero_stage},
         "steps_per_print": 10**9,  # our logger reports; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
@@ -172,6 +199,10 @@ def deepspeed_config(run: RunConfig, optim: OptimConfig, world_size: int) -> Dic
             raise TrainingError(f"run.deepspeed_config {run.deepspeed_config} must hold a JSON object")
         for k, v in extra.items():
             cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+        for key in ("bf16", "fp16", "torch_autocast"):  # one precision design, set by run.precision
+            if key in extra:
+                raise TrainingError(f"run.deepspeed_config {run.deepspeed_config} sets '{key}'; set run.precision "
+                                    "(bf16 or fp32) instead")
         run.zero_stage = cfg["zero_optimization"].get("stage", run.zero_stage)
         if run.zero_stage not in (0, 1, 2, 3):
             raise TrainingError(f"zero_optimization.stage in {run.deepspeed_config} must be 0-3, got {run.zero_stage}")
@@ -306,11 +337,13 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 # -- checkpoints --------------------------------------------------------------------------------------------
 class Checkpointer:
-    """Crash-safe checkpoints under ``<output_dir>/checkpoints/step_<N>``.
+    """Crash-safe, self-verifying checkpoints under ``<output_dir>/checkpoints/step_<N>``.
 
-    Every rank writes into ``.tmp-step_<N>``; after a barrier rank 0 writes ``manifest.json`` (step, files)
-    and renames the folder, so a folder without a manifest is never picked on resume. A failed write
-    (full disk, permissions) raises before the rename and leaves earlier checkpoints untouched.
+    Every rank writes into ``.tmp-step_<N>``; after a barrier rank 0 writes ``manifest.json`` (step, and each
+    file's size and blake2b digest) and renames the folder, so a folder without a manifest is never picked on
+    resume. A failed write (full disk, permissions) raises before the rename and leaves earlier checkpoints
+    untouched; ``discard`` removes the partial folder. On resume rank 0 checks the files against the manifest
+    (sizes first, then digests) and the other ranks take its answer.
 
     Args:
         output_dir: run directory.
@@ -323,18 +356,26 @@ class Checkpointer:
         self.keep_last, self.rank = keep_last, rank
 
     def tmp_dir(self, step: int) -> str:
-        path = os.path.join(self.root, f".tmp-step_{step:08d}")
+        path = self._tmp_path(step)
         if self.rank == 0:
             shutil.rmtree(path, ignore_errors=True)
             os.makedirs(path)
         barrier()
         return path
 
+    def _tmp_path(self, step: int) -> str:
+        return os.path.join(self.root, f".tmp-step_{step:08d}")
+
+    def discard(self, step: int) -> None:
+        """Remove what a failed save of ``step`` left, so nothing partial stays on a full disk."""
+        shutil.rmtree(self._tmp_path(step), ignore_errors=True)
+
     def commit(self, tmp: str, step: int, extra: Optional[dict] = None) -> str:
         barrier()
         final = os.path.join(self.root, f"step_{step:08d}")
         if self.rank == 0:
-            files = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, fs in os.walk(tmp) for f in fs)
+            names = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, fs in os.walk(tmp) for f in fs)
+            files = dict(zip(names, _map_files(_file_record, [os.path.join(tmp, n) for n in names])))
             with open(os.path.join(tmp, MANIFEST + ".tmp"), "w") as f:
                 json.dump({"step": step, "time": time.time(), "files": files, **(extra or {})}, f)
                 f.flush()
@@ -352,25 +393,83 @@ class Checkpointer:
         for path in done[: max(0, len(done) - self.keep_last)]:
             shutil.rmtree(path, ignore_errors=True)
 
-    def complete(self) -> List[str]:
-        """Complete checkpoints, oldest first."""
+    def _saved(self) -> List[str]:
         if not os.path.isdir(self.root):
             return []
-        names = sorted(n for n in os.listdir(self.root) if n.startswith("step_"))
-        return [os.path.join(self.root, n) for n in names if is_complete(os.path.join(self.root, n))]
+        return [os.path.join(self.root, n) for n in sorted(os.listdir(self.root)) if n.startswith("step_")]
+
+    def complete(self) -> List[str]:
+        """Complete checkpoints (manifest, every file at its recorded size), oldest first."""
+        return [p for p in self._saved() if is_complete(p)]
 
     def resolve(self, resume: Optional[str]) -> Optional[str]:
-        """``None`` -> no resume; ``"auto"`` -> newest complete checkpoint or none; else that directory."""
+        """``None`` -> no resume; ``"auto"`` -> newest intact checkpoint or none (damaged newer ones are skipped
+        with a warning); else that directory, which must be intact. Call on every rank."""
         if not resume:
             return None
-        if resume == "auto":
-            done = self.complete()
-            return done[-1] if done else None
-        if not is_complete(resume):
-            raise TrainingError(
-                f"--resume {resume}: not a complete checkpoint (no {MANIFEST}, or files it lists are missing)"
-            )
-        return resume
+        path, error = _from_rank0(self._pick(resume) if self.rank == 0 else None)
+        if error:
+            raise TrainingError(error)
+        return path
+
+    def _pick(self, resume: str) -> tuple[Optional[str], Optional[str]]:
+        """(checkpoint, None) or (None, error message); rank 0 only: it reads every byte of the candidate."""
+        if resume != "auto":
+            problem = damage(resume)
+            if problem:
+                return None, f"--resume {resume}: not a complete checkpoint ({problem})"
+            return resume, None
+        for path in reversed(self._saved()):
+            problem = damage(path)
+            if not problem:
+                return path, None
+            log.warning(f"warning: skipping damaged checkpoint {path} ({problem}); trying an older one")
+        return None, None
+
+
+# What a save on a full disk or lost mount raises, by layer: the OS, torch.save's zip writer, safetensors
+SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def save_failed(err: BaseException, ckpt: Checkpointer, step: int, last: Optional[str]) -> TrainingError:
+    """The one-line error for a failed save of ``step``, after removing its partial folder."""
+    if isinstance(err, TrainingError):
+        return err
+    why = first_line(err)
+    if not isinstance(err, OSError):  # the serializers' messages do not say the disk is full; the numbers do
+        try:
+            why += f"; {shutil.disk_usage(ckpt.root).free / 2**20:.1f} MiB free in {ckpt.root}"
+        except OSError:
+            pass
+    ckpt.discard(step)
+    return TrainingError(f"writing the step {step} checkpoint failed ({why}); last complete checkpoint: "
+                         f"{last or 'none'}")
+
+
+def _from_rank0(obj):
+    """Rank 0's ``obj`` on every rank (itself where there is no process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+HASH_CHUNK = 8 << 20
+
+
+def _file_record(path: str) -> dict:
+    h = hashlib.blake2b()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            h.update(chunk)
+    return {"size": os.path.getsize(path), "blake2b": h.hexdigest()}
+
+
+def _map_files(fn, paths: List[str]) -> list:
+    # hashlib releases the GIL on large buffers: a multi-GB checkpoint hashes on several cores at once
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(paths), os.cpu_count() or 1))) as pool:
+        return list(pool.map(fn, paths))
 
 
 def read_manifest(path: str) -> dict:
@@ -378,13 +477,195 @@ def read_manifest(path: str) -> dict:
         return json.load(f)
 
 
-def is_complete(path: str) -> bool:
-    """A checkpoint folder with a readable manifest whose files all exist (a copy can lose some)."""
+def _manifest_files(path: str) -> Dict[str, Optional[dict]]:
+    """relative name -> {size, blake2b}; a manifest that lists names only (older checkpoints) gives None."""
+    files = read_manifest(path)["files"]
+    if isinstance(files, list):
+        return {str(n): None for n in files}
+    return {str(n): dict(rec) for n, rec in files.items()}
+
+
+def damage(path: str) -> Optional[str]:
+    """What is wrong with a checkpoint folder (no manifest, a file missing, truncated or changed), or None.
+
+    Sizes are compared first (cheap), digests only once every size matches.
+    """
     try:
-        files = read_manifest(path)["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        files = _manifest_files(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"no readable {MANIFEST}"
+    for name, rec in files.items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        if rec is not None and os.path.getsize(full) != rec.get("size"):
+            return f"{name} has {os.path.getsize(full)} bytes, the manifest says {rec.get('size')}"
+    checked = [n for n, rec in files.items() if rec is not None and "blake2b" in rec]
+    try:
+        digests = _map_files(_file_record, [os.path.join(path, n) for n in checked])
+    except OSError as e:
+        return f"cannot read it: {e}"
+    for name, got in zip(checked, digests):
+        if got["blake2b"] != files[name]["blake2b"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def is_complete(path: str) -> bool:
+    """A checkpoint folder with a readable manifest whose files all exist at their recorded sizes (a copy can
+    lose or truncate some). ``damage`` also checks the contents."""
+    try:
+        files = _manifest_files(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    return all(os.path.isfile(os.path.join(path, f)) for f in files)
+    return all(os.path.isfile(os.path.join(path, n)) and (rec is None or os.path.getsize(os.path.join(path, n))
+               == rec.get("size")) for n, rec in files.items())
+
+
+# -- safe loading -------------------------------------------------------------------------------------------
+def _deepspeed_records() -> list:
+    """The only non-tensor types in DeepSpeed's checkpoint files (ZeRO 0-3, fp32/bf16/fp16): plain records."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str, map_location=None, allow: Iterable[type] = ()) -> Any:
+    """``torch.load(weights_only=True)``: tensors, containers, numbers and the ``allow`` types, never code.
+
+    A file holding anything else, or not a readable torch file, is a one-line ``TrainingError`` naming it.
+    """
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's first line invites loading it unsafely: name what it holds
+        found = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global|$)", str(e), re.MULTILINE)
+        what = found.group(1) if found else first_line(e)
+        raise TrainingError(f"refusing to load {path}: it holds more than tensors and plain data ({what})") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise TrainingError(f"cannot read {path}: {first_line(e).split('. ')[0]}") from None
+
+
+class _SafeCheckpointEngine:
+    """A DeepSpeed checkpoint engine whose ``load`` is ``safe_load`` and checks a model-states file against
+    the live module before DeepSpeed copies anything; everything else is the wrapped engine's."""
+
+    def __init__(self, inner, module: nn.Module, strict: bool, where: str):
+        self._inner, self._module, self._strict, self._where = inner, module, strict, where
+
+    def load(self, path: str, map_location=None):
+        state = safe_load(path, map_location, _deepspeed_records())
+        if isinstance(state, dict) and isinstance(state.get("module"), dict):
+            problem = shape_mismatch(self._module, state, self._strict)
+            if problem:
+                raise TrainingError(f"{self._where} does not match this config: {problem}")
+        return state
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def shape_mismatch(module: nn.Module, state: dict, strict: bool = True) -> Optional[str]:
+    """The first difference between a DeepSpeed model-states dict and ``module`` (a parameter or buffer with
+    another shape, one the module lacks, or with ``strict`` one the checkpoint lacks), or None."""
+    params = list(module.named_parameters(remove_duplicate=False))  # tied weights under each of their names
+    live = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in params}
+    partitioned = {n for n, p in params if hasattr(p, "ds_shape")}
+    live.update({n: tuple(b.shape) for n, b in module.named_buffers(remove_duplicate=False)})
+    saved = {k: tuple(v.shape) for k, v in state["module"].items() if torch.is_tensor(v)}
+    for k in partitioned & saved.keys():  # ZeRO-3 keeps only a placeholder in the module states
+        if math.prod(saved[k]) == 0:
+            del saved[k]
+    for group in state.get("param_shapes") or []:  # ZeRO: the full shapes of the optimized parameters
+        saved.update({k: tuple(v) for k, v in group.items()})
+    for name, shape in saved.items():
+        if name not in live:
+            return f"the checkpoint has {name} {list(shape)}, which this model lacks"
+        if live[name] != shape:
+            return f"{name} is {list(shape)} in the checkpoint, {list(live[name])} in this model"
+    if strict:
+        missing = [k for k in module.state_dict() if k not in saved and k not in partitioned]
+        if missing:
+            return f"this model has {missing[0]} {list(live.get(missing[0], ()))}, which the checkpoint lacks"
+    return None
+
+
+def load_engine_checkpoint(engine, path: str, tag: str, load_module_strict: bool = True) -> None:
+    """``engine.load_checkpoint`` with every file read through ``safe_load`` (DeepSpeed itself unpickles
+    them with ``weights_only=False``, so a crafted file would run its code) and the model checked for shape
+    changes first. Bit-exact: only the unpickler differs."""
+    real = engine.checkpoint_engine
+    engine.checkpoint_engine = _SafeCheckpointEngine(real, engine.module, load_module_strict, path)
+    try:
+        loaded, _ = engine.load_checkpoint(path, tag=tag, load_module_strict=load_module_strict)
+    finally:
+        engine.checkpoint_engine = real
+    if loaded is None:
+        raise TrainingError(f"{path}: no DeepSpeed checkpoint '{tag}' in it")
+
+
+# -- one run per output folder ------------------------------------------------------------------------------
+LOCK = "run.lock"
+
+
+def take_run_lock(output_dir: str, rank: int) -> None:
+    """Rank 0 creates ``<output_dir>/run.lock`` (its pid and host) atomically; a lock whose process no longer
+    exists on this host is stale (a killed run) and taken over. Every rank raises the same one-line
+    ``TrainingError`` when another run holds it. ``release_run_lock`` removes it."""
+    error = _from_rank0(_take_lock(os.path.join(output_dir, LOCK)) if rank == 0 else None)
+    if error:
+        raise TrainingError(error)
+
+
+def _lock_owner(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            owner = json.load(f)
+        return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _take_lock(path: str) -> Optional[str]:
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(path)
+            if owner is not None and owner.get("host") == me["host"] and not _alive(owner["pid"]):
+                try:  # stale: its run was killed; another starter may remove it first, then O_EXCL decides
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+                continue
+            who = f"pid {owner['pid']} on {owner.get('host')}" if owner else "a run whose lock is unreadable"
+            return (f"{os.path.dirname(path) or '.'} is in use by another run ({who}); wait for it to end, or "
+                    f"delete {path} if no run uses that folder")
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return None
+    return f"cannot take {path}: other runs keep starting in that folder"
+
+
+def release_run_lock(output_dir: str) -> None:
+    """Remove ``<output_dir>/run.lock`` if this process holds it (a no-op on other ranks or another run's)."""
+    path = os.path.join(output_dir, LOCK)
+    owner = _lock_owner(path)
+    if owner and owner["pid"] == os.getpid() and owner.get("host") == socket.gethostname():
+        os.remove(path)
 
 
 # -- numerics -----------------------------------------------------------------------------------------------
