@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from vqrae.data import load_image, transform
+from vqrae.hub import is_hub_id
 
 from .data import GenerationPrompts, _turn_end, generation_prompt_ids, pad_token_id, understanding_prompt
 from .generate import SamplingConfig, generate_image_codes, generate_text
@@ -67,7 +68,7 @@ def load_model(
         raise ValueError(f"device '{device}' requested but CUDA is not available")
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
-    if not os.path.isdir(path):
+    if not os.path.isdir(path) and not is_hub_id(path):  # a hub id resolves in from_pretrained
         raise FileNotFoundError(f"no model directory at '{path}'")
     model = UnifiedModel.from_pretrained(path, trust_remote_code=trust_remote_code)
     if model.cfg.lora.enabled:

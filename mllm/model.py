@@ -205,7 +205,7 @@ class UnifiedModel(nn.Module):
         without ``trust_remote_code`` a checkpoint that needs it (``trust_remote_code: true`` in mllm.yaml, an
         ``auto_map`` beside the LLM or tokenizer) is refused. Weights are read from safetensors only.
         """
-        path = resolve(path, revision, "unified model")
+        path = resolve(path, revision, "unified model checkpoint")
         file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no unified model checkpoint at '{path}' (missing {CONFIG_NAME})")

@@ -115,7 +115,9 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         if args.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        if not os.path.isdir(args.model):
+        from vqrae.hub import is_hub_id  # a hub id (owner/name) resolves when the model loads
+
+        if not os.path.isdir(args.model) and not is_hub_id(args.model):
             demo = args.model == DEFAULT_MODEL
             hint = " (train one with `bash scripts/run_demo.sh`, or pass --model DIR)" if demo else ""
             raise UsageError(f"no model directory at '{args.model}'{hint}")

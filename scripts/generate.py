@@ -126,7 +126,9 @@ def validate(args: argparse.Namespace) -> list[str]:
         raise UsageError("the prompt is empty")
     prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts)
 
-    if not os.path.isdir(args.model):
+    from vqrae.hub import is_hub_id  # a hub id (owner/name) resolves when the model loads
+
+    if not os.path.isdir(args.model) and not is_hub_id(args.model):
         if os.path.normpath(args.model) == os.path.normpath(DEFAULT_MODEL):
             raise UsageError(
                 f"no model at {DEFAULT_MODEL}: train one first with `bash scripts/run_demo.sh` "

@@ -89,7 +89,8 @@ def train(cfg, resume: str | None) -> None:
 
     # -- model ---------------------------------------------------------------------------------------------
     try:
-        model = VQRAE.from_pretrained(cfg.init_from) if cfg.stage == 2 else VQRAE(cfg.model)
+        model = (VQRAE.from_pretrained(cfg.init_from, trust_remote_code=cfg.model.encoder.trust_remote_code)
+                 if cfg.stage == 2 else VQRAE(cfg.model))
     except Exception as e:  # built from the config or init_from alone: whatever fails there is the user's to fix
         source = f"init_from '{cfg.init_from}'" if cfg.stage == 2 else "the model config"
         raise ConfigError(f"cannot build the VQRAE from {source}: {type(e).__name__}: {first_line(e)}") from None

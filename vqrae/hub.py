@@ -19,7 +19,8 @@ import yaml
 
 # Everything a VQRAE or unified-model export holds (safetensors, YAML/JSON configs, tokenizer vocabularies and
 # chat templates, the card). A pickle or a .py file in the repo is never fetched.
-ALLOW_PATTERNS = ["*.safetensors", "*.yaml", "*.json", "*.txt", "*.jinja", "tokenizer.model", "README.md"]
+# Patterns match the path inside the repo, and '*' crosses '/' (fnmatch), so they reach llm/, tokenizer/, vqrae/.
+ALLOW_PATTERNS = ["*.safetensors", "*.yaml", "*.json", "*.txt", "*.jinja", "*tokenizer.model", "README.md"]
 CARD_NAME = "README.md"
 METRICS_NAME = "metrics.json"  # scripts/eval_tokenizer.py --out
 TRAIN_CONFIG_NAME = "train_config.yaml"  # written by the training scripts into run.output_dir
@@ -56,14 +57,14 @@ def resolve(name: str, revision: Optional[str] = None, what: str = "model") -> s
             raise ValueError(f"revision '{revision}' applies to hub ids only, but '{name}' is a local path")
         return name
     if not is_hub_id(name):
-        raise FileNotFoundError(f"no {what} directory at '{name}' (and it is not a hub id of the form owner/name)")
+        raise FileNotFoundError(f"no {what} at '{name}': no such directory, and not a hub id of the form owner/name")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
     try:
         return snapshot_download(name, revision=revision, allow_patterns=ALLOW_PATTERNS, library_name="vqrae")
     except (OSError, HfHubHTTPError, HFValidationError) as e:
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]  # its first sentence
         raise FileNotFoundError(
             f"{what} '{name}' is not a local directory, and the hub could not be reached or has no repo '{name}' "
             f"at revision '{revision or 'main'}' ({type(e).__name__}: {detail})"
