@@ -90,7 +90,7 @@ def test_the_quantizer_loss_moves_the_encoder_to_the_code_more_than_the_code_to_
         assert (loss.commit_weight, loss.codebook_weight) == (1.0, 0.25)
 
 
-@pytest.mark.parametrize("path", [os.path.relpath(p, ROOT) for p in TOKENIZER_RECIPES if "tiny" not in p and "demo" not in p])
+@pytest.mark.parametrize("path", [os.path.relpath(p, ROOT) for p in TOKENIZER_RECIPES if "siglip2" in p or "dinov2" in p])
 def test_paper_recipes_name_real_models_and_the_paper_settings(path):
     import timm
 
@@ -105,6 +105,22 @@ def test_paper_recipes_name_real_models_and_the_paper_settings(path):
         assert cfg.optim.warmup_steps == 2000 and cfg.loss.gan_start_step == 50000
     else:
         assert cfg.encoder_lr == 1e-5 and cfg.loss.distill_weight == 1.0
+
+
+def _hub_encoders() -> list:
+    out = []
+    for p in TOKENIZER_RECIPES:
+        enc = load_config(TokenizerTrainConfig, p).model.encoder
+        if enc.backend == "timm" and enc.pretrained and not enc.weights:
+            out.append((os.path.relpath(p, ROOT), enc.name))
+    return out
+
+
+@pytest.mark.parametrize("path,name", _hub_encoders())
+def test_recipes_name_timm_encoders_the_hub_serves(path, name):
+    import timm
+
+    assert name in timm.list_pretrained(name), (path, name)
 
 
 def test_the_generation_recipe_is_the_papers():
