@@ -198,7 +198,9 @@ def screenshot_app(url: str, out: str, prompt: str | None = None, timeout: float
             browser.wait_for(f"document.querySelectorAll({json.dumps(GALLERY_IMAGE)}).length > 0", timeout,
                              "an image in the gallery")
             # Let the remaining images of the request arrive; the gallery grows as each is decoded.
-            browser.wait_for("!document.querySelector('.progress-text, .eta-bar')", timeout, "the request to finish")
+            # Gradio's progress elements change names between versions; the app's own progress text does not
+            browser.wait_for("!document.querySelector('.progress-text, .eta-bar') && "
+                             "!document.body.innerText.includes('drawing image')", timeout, "the request to finish")
         browser.wait_for("[...document.images].every(i => i.complete)", timeout, "the page's images to load")
         browser.screenshot(out)
 
