@@ -39,19 +39,24 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
+def matrix(tmp_path_factory, request):
     """All cells in one subprocess (DeepSpeed's process group and engines stay out of the test process)."""
     out = str(tmp_path_factory.mktemp("recipes"))
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/vqrae_torch_ext"),
                RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     proc = subprocess.run([sys.executable, "-m", "tests.recipe_matrix", out], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=3000)
-    print(proc.stdout[-3000:])  # the list of recipes run, shown with -s and in CI logs on failure
     results_file = os.path.join(out, "results.json")
     if not os.path.isfile(results_file):
         raise AssertionError(f"the recipe matrix did not finish:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     with open(results_file) as f:
-        return json.load(f)
+        results = json.load(f)
+    terminal = request.config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is not None:  # the CI log shows which recipes ran, how they ended and how long each took
+        terminal.write_line("")
+        for name, r in results.items():
+            terminal.write_line(f"recipe matrix: {r['status']:>6} {r.get('seconds', 0):6.1f}s  {name}")
+    return results
 
 
 @pytest.mark.slow
