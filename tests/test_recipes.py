@@ -51,11 +51,11 @@ def matrix(tmp_path_factory, request):
         raise AssertionError(f"the recipe matrix did not finish:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     with open(results_file) as f:
         results = json.load(f)
-    terminal = request.config.pluginmanager.get_plugin("terminalreporter")
-    if terminal is not None:  # the CI log shows which recipes ran, how they ended and how long each took
-        terminal.write_line("")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # the CI log shows which recipes ran, how they ended, how long
+        print()
         for name, r in results.items():
-            terminal.write_line(f"recipe matrix: {r['status']:>6} {r.get('seconds', 0):6.1f}s  {name}")
+            print(f"recipe matrix: {r['status']:>6} {r.get('seconds', 0):6.1f}s  {name}")
     return results
 
 
