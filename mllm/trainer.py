@@ -35,7 +35,7 @@ from vqrae import VQRAE
 from vqrae.config import ConfigError
 from vqrae.data import DataConfig, ResumableSampler, SampleKey, load_image, open_source, transform
 from vqrae.model import CONFIG_NAME as VQRAE_CONFIG, WEIGHTS_NAME as VQRAE_WEIGHTS
-from vqrae.training import OptimConfig, RunConfig, TrainingError, all_reduce_sum, autocast
+from vqrae.training import COMPUTE_DTYPES, OptimConfig, RunConfig, TrainingError, all_reduce_sum, autocast
 
 from .data import (
     Batch, Example, ExampleRows, Skipped, collate, generation_example, insert_codes, load_conversations,
@@ -500,7 +500,7 @@ def write_codes(vqrae: VQRAE, source: str, out_dir: str, split: str = "train", i
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     os.makedirs(out_dir, exist_ok=True)
     name = f"codes-{key}.arrow"
-    precision = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype)
+    precision = {d: name for name, d in COMPUTE_DTYPES.items()}.get(dtype)  # the run.precision computing in dtype
     if precision is None:
         raise TrainingError(f"codes can be computed in float32 or bfloat16, not {dtype}")
     with autocast(precision, torch.device(device)):

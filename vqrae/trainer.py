@@ -6,6 +6,7 @@ its own small lr and adds self-distillation to a frozen copy of the initial enco
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -97,10 +98,7 @@ def feature_stats(encoder: nn.Module, batches) -> Optional[FeatureStats]:
 
 def merge_stats(parts: "list[FeatureStats]") -> FeatureStats:
     """One ``FeatureStats`` from those of several ranks (in rank order, so every rank gets the same bits)."""
-    out = parts[0]
-    for part in parts[1:]:
-        out = out.merge(part)
-    return out
+    return functools.reduce(FeatureStats.merge, parts)
 
 
 def build_discriminator(cfg: LossConfig) -> PatchDiscriminator:
