@@ -1,4 +1,4 @@
-"""Image-token decoding speed: mllm.generate against Hugging Face `lm.generate` on the same random LLaMA.
+"""Image-token decoding speed: mllm.sample against Hugging Face `lm.generate` on the same random LLaMA.
 
 Two workloads, each decoding one image of 256 code tokens per row:
   cfg      one prompt with classifier-free guidance (2 rows: conditional + unconditional); HF decodes the
@@ -14,16 +14,17 @@ the speed-up of ours over HF, and the peak memory above the model weights.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from mllm.generate import ImageTokenSpec, SamplingConfig, generate_image_codes, new_cache
+from peak_memory import PeakMemory  # bench/, the script's folder
+
+from mllm.sample import SamplingConfig, generate_image_codes, new_cache
+from mllm.vocab import ImageVocab
 
 NUM_TOKENS = 256  # a 16 x 16 token image
 
@@ -51,46 +52,6 @@ PRESETS = {
 }
 
 
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator peak on a GPU, sampled resident set size on a CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak = 0
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.base = self.peak = _rss()
-            self.running = True
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self.running = False
-            self.thread.join()
-            self.peak = max(self.peak, _rss())
-        self.extra_mib = (self.peak - self.base) / 2**20
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def build_model(preset: Preset, device: torch.device, dtype: torch.dtype):
     config = LlamaConfig(
         hidden_size=preset.hidden, num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
@@ -100,9 +61,9 @@ def build_model(preset: Preset, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
     with torch.device(device):
         lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    spec = ImageTokenSpec(
-        boi_id=preset.text_vocab - 3, eoi_id=preset.text_vocab - 2, code_offset=preset.text_vocab,
-        codebook_size=preset.codebook, num_tokens=NUM_TOKENS,
+    spec = ImageVocab(
+        code_offset=preset.text_vocab, codebook_size=preset.codebook, boi_id=preset.text_vocab - 3,
+        eoi_id=preset.text_vocab - 2, image_id=preset.text_vocab - 4,
     )
     return lm.eval(), spec, preset.text_vocab - 1
 
@@ -184,7 +145,15 @@ def main() -> None:
 
             def ours():
                 generate_image_codes(
-                    lm, prompts, spec, sampling, uncond_ids=uncond, pad_id=pad_id, cache=cache, compile_step=use_compile
+                    lm, prompts, spec, NUM_TOKENS, sampling, uncond_ids=uncond, pad_id=pad_id, cache=cache, compile_step=use_compile
+                )
+
+            static = new_cache(lm, ids.shape[0], ids.shape[1] + NUM_TOKENS, static=True)
+
+            def ours_static():  # the other cache kind than the default on a CPU (dynamic there)
+                generate_image_codes(
+                    lm, prompts, spec, NUM_TOKENS, sampling, uncond_ids=uncond, pad_id=pad_id, cache=static,
+                    compile_step=use_compile,
                 )
 
             def hf():
@@ -195,18 +164,20 @@ def main() -> None:
                     )
                 assert out.shape[1] == ids.shape[1] + NUM_TOKENS
 
-            result = timed({"hf": hf, "ours": ours}, device, args.warmup, args.repeats)
-            (t_hf, m_hf), (t_ours, m_ours) = result["hf"], result["ours"]
-            rows.append((name, ids.shape[0], mode, t_hf, t_ours, m_hf, m_ours))
-            print(f"  {name} {mode}: HF {t_hf:.3f}s  ours {t_ours:.3f}s", flush=True)
+            result = timed({"hf": hf, "ours": ours, "static": ours_static}, device, args.warmup, args.repeats)
+            (t_hf, m_hf), (t_ours, m_ours), (t_static, _) = result["hf"], result["ours"], result["static"]
+            rows.append((name, ids.shape[0], mode, t_hf, t_ours, t_static, m_hf, m_ours))
+            print(f"  {name} {mode}: HF {t_hf:.3f}s  ours {t_ours:.3f}s  ours with a static cache {t_static:.3f}s",
+                  flush=True)
 
     mem = "CUDA peak" if device.type == "cuda" else "peak RSS"
     print()
-    print(f"| workload | rows | mode | HF generate (s) | ours (s) | speed-up | HF {mem} (MiB) | ours {mem} (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, n_rows, mode, t_hf, t_ours, m_hf, m_ours in rows:
+    print(f"| workload | rows | mode | HF generate (s) | ours (s) | speed-up | ours, static cache (s) | "
+          f"HF {mem} (MiB) | ours {mem} (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, n_rows, mode, t_hf, t_ours, t_static, m_hf, m_ours in rows:
         print(
-            f"| {name} | {n_rows} | {mode} | {t_hf:.3f} | {t_ours:.3f} | {t_hf / t_ours:.2f}x "
+            f"| {name} | {n_rows} | {mode} | {t_hf:.3f} | {t_ours:.3f} | {t_hf / t_ours:.2f}x | {t_static:.3f} "
             f"| {m_hf:.0f} | {m_ours:.0f} |"
         )
 

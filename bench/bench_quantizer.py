@@ -19,8 +19,21 @@ fp32 distances; a row is certified when its k-th approximate distance minus eps 
 distance, since then no code outside the shortlist can be nearer; uncertified rows are searched again with
 ``nearest_code``. The result equals the exact fp32 search up to fp32 ties.
 
+``--mode train-step`` times one SimVQ training step (forward, backward) as ``SimVQ.forward`` computes it (the
+codebook C = C'W^T without a graph for the search, the codes in use recomputed as W(C'[idx])) against the
+formulation before it (C with W's graph over all K codes, indexed after the search), methods interleaved
+repeat by repeat, and checks both give the same indices and gradients.
+
+``--mode faiss`` (CPU) times ``nearest_code`` against FAISS's exact flat search (``faiss.knn``, the kernel of
+``IndexFlatL2``), interleaved, one thread each unless ``--threads``: plain L2, which adds ||z||^2 in fp32, and an
+inner-product search over augmented operands [z, 1] . [c, -||c||^2 / 2], the distance ``nearest_code`` uses.
+``--query-scale`` multiplies the queries; untrained projected features have ||z|| ~ 20 against codes of norm
+~1, where the fp32 ||z||^2 term of plain L2 swamps small distance gaps.
+
     python bench/bench_quantizer.py                                  # CPU: 2048 tokens
     python bench/bench_quantizer.py --device cuda --tokens 16384 --json out.json
+    taskset -c 0 python bench/bench_quantizer.py --mode train-step --tokens 1024
+    taskset -c 0 python bench/bench_quantizer.py --mode faiss --tokens 65536 --codes 4096 --dim 256 --query-scale 20
 """
 from __future__ import annotations
 
@@ -29,57 +42,18 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from vqrae.quantizer import nearest_code  # noqa: E402
+from peak_memory import PeakMemory  # noqa: E402  (bench/, the script's folder)
+from vqrae.quantizer import SimVQ, nearest_code  # noqa: E402
 
 BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 FP32_U = 2.0**-24
-
-
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator peak on a GPU, sampled RSS on a CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak = self.base = 0
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.base = self.peak = _rss()
-            self._running = True
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self._running:
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._running = False
-            self._thread.join()
-            self.peak = max(self.peak, _rss())
-        self.extra_mib = max(0, self.peak - self.base) / 2**20
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def timed(fn, device: torch.device, warmup: int, repeats: int):
@@ -161,6 +135,105 @@ def shortlist_nearest(z: torch.Tensor, codebook: torch.Tensor, k: int = 8, token
     return out, 1.0 - redo.numel() / m
 
 
+def interleaved(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict:
+    """{name: (median seconds, last result)}, the methods taking turns within every repeat so that load from
+    other processes falls on all of them alike."""
+    times = {name: [] for name in fns}
+    out = {}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            out[name] = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), out[name]) for name in fns}
+
+
+def full_codebook_forward(q: SimVQ, x: torch.Tensor):
+    """SimVQ's forward before the gather: C = C'W^T with W's graph over all K codes, indexed after the search."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        z = q.project(x.float())
+        codebook = q.codebook
+        indices = nearest_code(z.reshape(-1, z.shape[-1]).detach(), codebook.detach(), q.search_chunk, q.token_chunk)
+        c = F.embedding(indices, codebook).view_as(z)
+        return q.proj_out(z + (c - z).detach()), indices, F.mse_loss(c, z.detach()), F.mse_loss(z, c.detach())
+
+
+def bench_train_step(args, device: torch.device, m: int, warmup: int, repeats: int) -> None:
+    torch.manual_seed(0)
+    q = SimVQ(args.width, args.codes, args.dim).to(device)
+    with torch.no_grad():
+        q.codebook_transform.weight.add_(0.01 * torch.randn_like(q.codebook_transform.weight))
+    x = torch.randn(1, m, args.width, device=device)
+
+    def step(forward):
+        def run():
+            q.zero_grad(set_to_none=True)
+            quantized, indices, codebook_loss, commit_loss = forward(x)
+            (quantized.square().mean() + codebook_loss + commit_loss).backward()
+            return indices.flatten(), {n: p.grad.clone() for n, p in q.named_parameters()}
+        return run
+
+    def gathered(x):
+        out = q(x)
+        return out.quantized, out.indices, out.codebook_loss, out.commit_loss
+
+    print(f"device={device} threads={torch.get_num_threads()} M={m} K={args.codes} e={args.dim} D={args.width} "
+          f"repeats={repeats} warmup={warmup}", flush=True)
+    res = interleaved({"gather C'[idx], then W (SimVQ.forward)": step(gathered),
+                       "full codebook C'W^T with W's graph (before)": step(lambda x: full_codebook_forward(q, x))},
+                      device, warmup, repeats)
+    (new_t, (new_idx, new_g)), (old_t, (old_idx, old_g)) = res.values()
+    worst = max(((new_g[n] - old_g[n]).abs().max() / old_g[n].abs().max()).item() for n in new_g)
+    print()
+    print("| forward + backward | time (ms) | speed-up |")
+    print("|---|---|---|")
+    for name, (t, _) in res.items():
+        print(f"| {name} | {1e3 * t:.1f} | {old_t / t:.2f}x |")
+    print(f"\nindices equal: {torch.equal(new_idx, old_idx)}; largest gradient difference over the gradient's max "
+          f"(W, projections): {worst:.1e}")
+
+
+def bench_faiss(args, m: int, warmup: int, repeats: int) -> None:
+    import faiss
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(args.codes, args.dim, generator=g) * args.dim**-0.5
+    z = torch.randn(m, args.dim, generator=g) * args.dim**-0.5 * args.query_scale
+    if args.queries == "near-codes":
+        z = codebook[torch.randint(0, args.codes, (m,), generator=g)] + 0.5 * z
+
+    def faiss_l2():
+        return torch.from_numpy(faiss.knn(z.numpy(), codebook.numpy(), 1)[1][:, 0])
+
+    def faiss_ip():  # argmax [z, 1] . [c, -||c||^2 / 2] = argmin ||c||^2 - 2 z.c, no ||z||^2 term
+        za = torch.cat([z, z.new_ones(m, 1)], dim=1)
+        ca = torch.cat([codebook, -0.5 * codebook.pow(2).sum(-1, keepdim=True)], dim=1)
+        return torch.from_numpy(faiss.knn(za.numpy(), ca.numpy(), 1, metric=faiss.METRIC_INNER_PRODUCT)[1][:, 0])
+
+    print(f"faiss {faiss.__version__} threads={args.threads} queries={args.queries} x{args.query_scale} M={m} "
+          f"K={args.codes} e={args.dim} repeats={repeats} warmup={warmup}", flush=True)
+    res = interleaved({"nearest_code (torch, fp32)": lambda: nearest_code(z, codebook),
+                       "faiss.knn L2 (IndexFlatL2's search)": faiss_l2,
+                       "faiss.knn inner product, augmented": faiss_ip}, torch.device("cpu"), warmup, repeats)
+    ref = exact_f64(z, codebook)
+    ref_d = _f64_distance(z, codebook, ref)
+    base_t, base_out = res["nearest_code (torch, fp32)"]
+    print()
+    print("| method | time (ms) | speed-up vs nearest_code | indices != nearest_code | != fp64 exact "
+          "| fp64 distance gap of those |")
+    print("|---|---|---|---|---|---|")
+    for name, (t, out) in res.items():
+        wrong = out != ref
+        gap = (_f64_distance(z[wrong], codebook, out[wrong]) - ref_d[wrong]).max().item() if wrong.any() else 0.0
+        print(f"| {name} | {1e3 * t:.1f} | {base_t / t:.2f}x | {int((out != base_out).sum())} / {m} "
+              f"| {int(wrong.sum())} / {m} | {gap:.1e} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -173,11 +246,22 @@ def main() -> None:
     p.add_argument("--queries", default="random", choices=["random", "near-codes"],
                    help="random: i.i.d. like the codes (hard for the shortlist); near-codes: a code plus noise of half its norm, as trained features sit")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--mode", default="search", choices=["search", "train-step", "faiss"],
+                   help="search: the search table; train-step: SimVQ forward + backward, gathered vs full codebook; "
+                        "faiss: nearest_code vs FAISS flat search on the CPU")
+    p.add_argument("--width", type=int, default=1152, help="train-step: encoder width D (SigLIP2 so400m: 1152)")
+    p.add_argument("--threads", type=int, default=1, help="faiss: threads for torch and FAISS alike")
+    p.add_argument("--query-scale", type=float, default=1.0, help="faiss: multiply the query noise (||z|| ~ scale)")
     args = p.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     m = args.tokens or (16384 if gpu else 2048)
     repeats, warmup = args.repeats or (20 if gpu else 3), args.warmup if args.warmup is not None else (5 if gpu else 1)
+    if args.mode == "train-step":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        return bench_train_step(args, device, m, warmup, repeats)
+    if args.mode == "faiss":
+        return bench_faiss(args, m, warmup, repeats)
     shortlist = args.shortlist if args.shortlist is not None else (16 if gpu else 0)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the exact methods

@@ -6,7 +6,7 @@ in the same process under the same bf16/fp32 autocast:
 
   plain   the step written out by hand: MSE + codebook/commit terms (+ LPIPS, hinge GAN with the adaptive
           weight from two autograd.grad calls, discriminator hinge step), torch.optim.AdamW defaults, eager.
-  ours    ``vqrae.trainer.generator_loss`` + ``discriminator_loss`` with the package's parameter groups; eager,
+  ours    ``vqrae.losses.generator_loss`` + ``discriminator_loss`` with the package's parameter groups; eager,
           then each option given on its own and all of them together: ``--fused-adam`` (AdamW fused=True),
           ``--channels-last`` (the images LPIPS and the discriminator see are channels_last, so their
           convolutions run in that layout) and ``--compile`` (torch.compile of the VQRAE).
@@ -38,8 +38,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from vqrae import DecoderConfig, EncoderConfig, QuantizerConfig, VQRAE, VQRAEConfig  # noqa: E402
 from vqrae.losses import LossConfig, PerceptualLoss  # noqa: E402
-from vqrae.trainer import build_discriminator, discriminator_loss, generator_loss, match_size, set_stage  # noqa: E402
-from vqrae.training import param_groups  # noqa: E402
+from vqrae.train import build_discriminator, set_stage  # noqa: E402
+from vqrae.losses import discriminator_loss, generator_loss, match_size  # noqa: E402
+from vqrae.runtime import param_groups  # noqa: E402
 
 
 @dataclass

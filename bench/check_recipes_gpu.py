@@ -6,7 +6,7 @@
 Nothing is downloaded: encoders start from random init (``model.encoder.pretrained=false``), LPIPS uses a
 random VGG trunk (``loss.lpips_backbone=random``), the LLM is a random Qwen3-0.6B-shaped model with a
 word-level tokenizer written here, and the images are procedural 256 px pictures with captions
-(``vqrae.shapes``) written to a temporary imagefolder, enough that no run crosses an epoch boundary. Every
+(``demo.shapes``) written to a temporary imagefolder, enough that no run crosses an epoch boundary. Every
 run goes through the real entry points under the ``deepspeed`` launcher (one process), in the recipe's
 precision and ZeRO stage, with ``batch_size`` equal to ``micro_batch_size`` (no accumulation):
 
@@ -219,7 +219,7 @@ def failure(text: str, rc: int) -> str:
 
 def write_images(root: str, count: int, size: int) -> str:
     """Procedural captioned pictures (imagefolder ``train/`` with ``metadata.jsonl``), shared by every recipe."""
-    from vqrae.shapes import write_imagefolder
+    from demo.shapes import write_imagefolder
 
     write_imagefolder(root, count, 4, seed=0, size=size)
     return root
@@ -265,10 +265,8 @@ def tokenizer_flops_per_image(config: str, overrides: list[str], device: torch.d
     from vqrae import VQRAE
     from vqrae.config import load_config
     from vqrae.losses import PerceptualLoss
-    from vqrae.trainer import (
-        TokenizerTrainConfig, build_discriminator, discriminator_loss, generator_loss, make_teacher, match_size,
-        set_stage,
-    )
+    from vqrae.train import TokenizerTrainConfig, build_discriminator, make_teacher, set_stage
+    from vqrae.losses import discriminator_loss, generator_loss, match_size
 
     cfg = load_config(TokenizerTrainConfig, config, overrides)
     with warnings.catch_warnings(), torch.device(device):
@@ -301,7 +299,9 @@ def mllm_flops_per_token(config: str, overrides: list[str], device: torch.device
     micro-batch: LLM forward and backward (and the VQRAE's encoding, when codes are not pre-computed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mllm.trainer import MLLMTrainConfig, build_model, make_loaders, prepare_batch, unregister_vqrae
+    from mllm.train import MLLMTrainConfig, build_model, prepare_batch, unregister_vqrae
+
+    from mllm.tasks import make_loaders
     from vqrae.config import load_config
 
     cfg = load_config(MLLMTrainConfig, config, overrides + ["data.num_workers=0"])
@@ -511,7 +511,7 @@ def prepare_mllm(res: Result, base: list[str], data: str, dep: Result, work: str
     # the trainer's compute dtype, so the stored codes are the ones it would compute on the fly
     precision = args.precision
     if precision == "recipe":
-        from mllm.trainer import MLLMTrainConfig
+        from mllm.train import MLLMTrainConfig
         from vqrae.config import load_config
 
         precision = load_config(MLLMTrainConfig, res.recipe.config).run.precision

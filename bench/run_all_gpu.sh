@@ -34,9 +34,15 @@ if [ -z "${SUMMARY_ONLY:-}" ]; then
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 1
 run quantizer_random 60 bench/bench_quantizer.py --device cuda --tokens 16384 --queries random --json "$LOGS/quantizer_random.json"
 run quantizer_near 60 bench/bench_quantizer.py --device cuda --tokens 16384 --queries near-codes --json "$LOGS/quantizer_near.json"
-run train_step 220 bench/bench_train_step.py --preset vit-l --device cuda --peak-tflops 989 --fused-adam --channels-last \
+run train_step 150 bench/bench_train_step.py --preset vit-l --device cuda --peak-tflops 989 --fused-adam --channels-last \
   --compile --json "$LOGS/train_step.json"
-run generate 280 bench/bench_generate.py --preset gpu-1.4b --device cuda --compile --repeats 2
+for b in 64 128; do  # the recipe's micro-batch is 32: does a larger one fill the GPU?
+  run "train_step_b$b" 40 bench/bench_train_step.py --preset vit-l --device cuda --peak-tflops 989 --batch "$b" \
+    --configs full --steps 6 --warmup 2
+done
+run mllm_step 60 bench/bench_mllm_step.py --device cuda --preset qwen3-0.6b --peak-tflops 989
+run tokenize 40 bench/bench_tokenize.py --preset so400m --device cuda --dtype bfloat16 --batch 64
+run generate 120 bench/bench_generate.py --preset gpu-1.4b --device cuda --compile --repeats 2
 echo
 echo "total $((SECONDS - START)) s; logs in $LOGS"
 fi
@@ -97,4 +103,11 @@ print("| benchmark | case | baseline | ours | speed-up | note |")
 print("|---|---|---|---|---|---|")
 for r in rows:
     print("| " + " | ".join(r) + " |")
+
+for name in ("train_step_b64", "train_step_b128", "mllm_step", "tokenize"):  # their own tables, as printed
+    path = os.path.join(logs, name + ".log")
+    lines = open(path).read().splitlines() if os.path.isfile(path) else ["not run"]
+    table = [l for l in lines if l.startswith("|")]
+    print(f"\n{name}:")
+    print("\n".join(table) if table else (lines[-1] if lines else "no output"))
 EOF

@@ -6,7 +6,7 @@ from .data import (
     generation_prompt_ids, generation_prompts, insert_codes, load_conversations, open_image_text, pad_token_id,
     understanding_example, understanding_prompt,
 )
-from .generate import ImageTokenSpec, SamplingConfig, generate_image_codes, generate_text, new_cache
+from .sample import SamplingConfig, generate_image_codes, generate_text, new_cache
 from .model import LoraSettings, MLLMConfig, UnifiedModel, UnifiedOutput
 from .projector import MLPProjector, ProjectorConfig
 from .vocab import ImageVocab, add_image_tokens, code_token, codebook_offsets, resize_embeddings
@@ -14,7 +14,7 @@ from .vocab import ImageVocab, add_image_tokens, code_token, codebook_offsets, r
 __all__ = [
     "Batch", "Example", "ExampleRows", "GenerationPrompts", "Prompt", "Skipped", "collate", "generation_example",
     "generation_prompt_ids", "generation_prompts", "insert_codes", "load_conversations", "open_image_text",
-    "pad_token_id", "understanding_example", "understanding_prompt", "ImageTokenSpec", "SamplingConfig",
+    "pad_token_id", "understanding_example", "understanding_prompt", "SamplingConfig",
     "generate_image_codes", "generate_text", "new_cache", "LoraSettings", "MLLMConfig", "UnifiedModel",
     "UnifiedOutput", "MLPProjector", "ProjectorConfig", "ImageVocab", "add_image_tokens", "code_token",
     "codebook_offsets", "resize_embeddings",

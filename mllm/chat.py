@@ -11,7 +11,7 @@ exactly the prompt of ``mllm.inference.answer_question``::
         print(piece, end="", flush=True)
     conversation.add(question, answer)      # the caller records the turn once the answer is complete
 
-``stream_answer`` runs the same prefill and one-token steps as ``mllm.generate.generate_text`` (same sampler,
+``stream_answer`` runs the same prefill and one-token steps as ``mllm.sample.generate_text`` (same sampler,
 same static KV cache) and yields the answer's new text after each token, so its pieces join to the answer
 ``chat_answer`` returns for the same inputs and seed. Input problems are ``ValueError``s with one-line messages.
 """
@@ -27,8 +27,8 @@ from PIL import Image
 from vqrae.data import load_image, transform
 
 from .data import understanding_prompt
-from .generate import SamplingConfig, _Decoder, _generator, generate_text, sample_logits
-from .inference import _max_positions, stop_ids
+from .sample import SamplingConfig, _Decoder, _generator, generate_text, sample_logits
+from .inference import answer_budget, stop_ids
 from .model import UnifiedModel
 
 MAX_IMAGE_PIXELS = 20_000_000  # uploads above this are refused: decoding them costs memory for nothing at 256 px
@@ -102,14 +102,8 @@ def chat_prompt(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompt = understanding_prompt(model.tokenizer, model.vocab, conversation.messages(question), model.vqrae.num_tokens)
-    positions = _max_positions(model)
-    if positions is not None:
-        if len(prompt.input_ids) >= positions:
-            raise ValueError(
-                f"the conversation with its image is {len(prompt.input_ids)} tokens but this model holds at most "
-                f"{positions} positions: start a new conversation"
-            )
-        max_new_tokens = min(max_new_tokens, positions - len(prompt.input_ids))
+    max_new_tokens = answer_budget(model, len(prompt.input_ids), max_new_tokens, "the conversation with its image",
+                                   ": start a new conversation")
     return ChatPrompt(input_ids=prompt.input_ids, image_mask=prompt.image_mask, max_new_tokens=max_new_tokens)
 
 
@@ -125,15 +119,8 @@ def _greedy() -> SamplingConfig:
     return SamplingConfig(temperature=0.0, cfg_scale=1.0)
 
 
-def chat_answer(
-    model: UnifiedModel,
-    conversation: Conversation,
-    question: str,
-    *,
-    max_new_tokens: int = 128,
-    sampling: Optional[SamplingConfig] = None,
-    generator: Optional[torch.Generator] = None,
-) -> str:
+def chat_answer(model: UnifiedModel, conversation: Conversation, question: str, *, max_new_tokens: int = 128,
+                sampling: Optional[SamplingConfig] = None, generator: Optional[torch.Generator] = None) -> str:
     """The whole answer to ``question`` at once (``generate_text``), special tokens removed; greedy by default."""
     prompt = chat_prompt(model, conversation, question, max_new_tokens)
     answer = generate_text(
@@ -143,15 +130,9 @@ def chat_answer(
     return model.tokenizer.decode(answer, skip_special_tokens=True).strip()
 
 
-def stream_answer(
-    model: UnifiedModel,
-    conversation: Conversation,
-    question: str,
-    *,
-    max_new_tokens: int = 128,
-    sampling: Optional[SamplingConfig] = None,
-    generator: Optional[torch.Generator] = None,
-) -> Iterator[str]:
+def stream_answer(model: UnifiedModel, conversation: Conversation, question: str, *, max_new_tokens: int = 128,
+                  sampling: Optional[SamplingConfig] = None, generator: Optional[torch.Generator] = None,
+                  ) -> Iterator[str]:
     """The answer to ``question`` as text pieces, one per decoded token that adds visible text.
 
     The prompt is built and checked before this returns, so a bad question raises here. Text is held

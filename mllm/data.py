@@ -99,7 +99,7 @@ def generation_prompt_ids(tokenizer: PreTrainedTokenizerBase, caption: str) -> l
 
 
 def generation_prompts(tokenizer: PreTrainedTokenizerBase, captions: Sequence[str]) -> GenerationPrompts:
-    """Conditional and unconditional prompts for ``mllm.generate.generate_image_codes``."""
+    """Conditional and unconditional prompts for ``mllm.sample.generate_image_codes``."""
     return GenerationPrompts(
         cond=[generation_prompt_ids(tokenizer, c) for c in captions], uncond=generation_prompt_ids(tokenizer, "")
     )

@@ -7,7 +7,7 @@ These are the steps behind ``scripts/generate.py``, usable from Python::
     saved = save_images(result, "outputs/generated")
     answer = answer_question(model, read_image("photo.png"), "What colour is the shape?")
 
-Prompts are laid out exactly as in training (``mllm.data``); sampling is ``mllm.generate``. Every input
+Prompts are laid out exactly as in training (``mllm.data``); sampling is ``mllm.sample``. Every input
 problem is raised as a ``ValueError`` (or ``FileNotFoundError``) with a one-line message.
 """
 from __future__ import annotations
@@ -26,11 +26,10 @@ from vqrae.data import load_image, transform
 from vqrae.hub import is_hub_id
 
 from .data import GenerationPrompts, _turn_end, generation_prompt_ids, pad_token_id, understanding_prompt
-from .generate import SamplingConfig, generate_image_codes, generate_text
-from .model import UnifiedModel
+from .sample import SamplingConfig, generate_image_codes, generate_text
+from .model import LLM_DTYPES, UnifiedModel
 
 GRID_NAME = "grid.png"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -66,8 +65,8 @@ def load_model(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{device}' requested but CUDA is not available")
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
+    if dtype is not None and dtype not in LLM_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(LLM_DTYPES)}, got '{dtype}'")
     if not os.path.isdir(path) and not is_hub_id(path):  # a hub id resolves in from_pretrained
         raise FileNotFoundError(f"no model directory at '{path}'")
     model = UnifiedModel.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -75,13 +74,24 @@ def load_model(
         model.merge_lora()  # one plain LLM: no adapter branches on every decode step
     if dtype is None:
         dtype = model.cfg.dtype if device.type == "cuda" else "float32"
-    model.llm.to(_DTYPES[dtype])
+    model.llm.to(LLM_DTYPES[dtype])
     return model.to(device).eval()
 
 
 def _max_positions(model: UnifiedModel) -> Optional[int]:
     text = model.llm.config.get_text_config(decoder=True)
     return getattr(text, "max_position_embeddings", None)
+
+
+def answer_budget(model: UnifiedModel, prompt_len: int, max_new_tokens: int, what: str, advice: str = "") -> int:
+    """``max_new_tokens`` cut to the positions the LLM has left after a prompt of ``prompt_len`` tokens; a
+    prompt that fills them is a ``ValueError`` naming ``what`` it is (and ``advice``)."""
+    positions = _max_positions(model)
+    if positions is None:
+        return max_new_tokens
+    if prompt_len >= positions:
+        raise ValueError(f"{what} is {prompt_len} tokens but this model holds at most {positions} positions{advice}")
+    return min(max_new_tokens, positions - prompt_len)
 
 
 def max_prompt_tokens(model: UnifiedModel) -> Optional[int]:
@@ -148,7 +158,7 @@ def generate_images(
         negative_prompt: text for the unconditional branch instead of the empty caption.
         batch_size: images per sampler call (a guided call runs twice as many rows).
         generator: RNG on the model's device, drawn from across all batches.
-        compile_step: on CUDA, compile the one-token decode step (see ``mllm.generate``).
+        compile_step: on CUDA, compile the one-token decode step (see ``mllm.sample``).
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
@@ -160,11 +170,11 @@ def generate_images(
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     guided = sampling.cfg_scale != 1
     rows = [cond for cond in ids.cond for _ in range(num_images)]
-    spec, pad_id = model.image_token_spec(), pad_token_id(model.tokenizer)
+    pad_id = pad_token_id(model.tokenizer)
     codes, images = [], []
     for start in range(0, len(rows), batch_size):
         batch_codes = generate_image_codes(
-            model.llm, rows[start : start + batch_size], spec, sampling, uncond_ids=[ids.uncond] if guided else None,
+            model.llm, rows[start : start + batch_size], model.vocab, model.vqrae.num_tokens, sampling, uncond_ids=[ids.uncond] if guided else None,
             pad_id=pad_id, generator=generator, compile_step=compile_step, positions=model.image_position_table(),
         )  # (b, N)
         pixels = model.decode_image_codes(batch_codes)  # (b, 3, H, W)
@@ -287,14 +297,7 @@ def answer_question(
     if isinstance(image, Image.Image):
         image = transform(image, model.vqrae.image_size, random_crop=False, hflip=False, rng=np.random.default_rng(0))
     prompt = understanding_prompt(model.tokenizer, model.vocab, question, model.vqrae.num_tokens)
-    positions = _max_positions(model)
-    if positions is not None:
-        if len(prompt.input_ids) >= positions:
-            raise ValueError(
-                f"the question with its image is {len(prompt.input_ids)} tokens but this model holds at most "
-                f"{positions} positions"
-            )
-        max_new_tokens = min(max_new_tokens, positions - len(prompt.input_ids))
+    max_new_tokens = answer_budget(model, len(prompt.input_ids), max_new_tokens, "the question with its image")
     device = next(model.llm.parameters()).device
     ids = torch.tensor([prompt.input_ids], device=device)
     mask = torch.tensor([prompt.image_mask], device=device)

@@ -33,10 +33,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from vqrae import VQRAE
 from vqrae.config import ConfigError, from_dict, to_dict
-from vqrae.hub import push_folder, resolve
+from vqrae.hub import PushToHub, resolve
 from vqrae.untrusted import read_safetensors, refuse_pickled_weights, refuse_remote_code
 
-from .generate import ImageTokenSpec, SamplingConfig
+from .sample import SamplingConfig, split_output_layer
 from .projector import MLPProjector, ProjectorConfig
 from .vocab import ImageVocab, add_image_tokens, codebook_offsets, resize_embeddings
 
@@ -44,7 +44,7 @@ CONFIG_NAME = "mllm.yaml"
 PROJECTOR_NAME = "projector.safetensors"
 POSITIONS_NAME = "image_positions.safetensors"
 IGNORE_INDEX = -100  # label of positions that carry no loss (the Hugging Face convention)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # MLLMConfig.dtype
 
 
 @dataclass
@@ -94,13 +94,15 @@ class MLLMConfig:
 
 @dataclass
 class UnifiedOutput:
-    logits: torch.Tensor  # (B, L, V)
+    # (B, L, V); None from a training forward (labels given, grad enabled), which computes logits at the
+    # labelled positions only (``UnifiedModel.forward``)
+    logits: Optional[torch.Tensor]
     loss: Optional[torch.Tensor] = None  # mean next-token cross-entropy over labelled positions
     image_loss: Optional[torch.Tensor] = None  # same, over image targets (code tokens and <eoi>); 0 if none
     text_loss: Optional[torch.Tensor] = None  # same, over all other labelled targets; 0 if none
 
 
-class UnifiedModel(nn.Module):
+class UnifiedModel(nn.Module, PushToHub):
     """LLM + projector + frozen VQRAE, with the image vocabulary of ``vocab.py``.
 
     Args:
@@ -114,6 +116,8 @@ class UnifiedModel(nn.Module):
 
     Use ``build`` for a new model from ``cfg`` and ``from_pretrained`` for a saved one.
     """
+
+    HUB_KIND = "mllm"  # the model card push_to_hub writes
 
     def __init__(
         self,
@@ -253,17 +257,6 @@ class UnifiedModel(nn.Module):
         with open(os.path.join(path, CONFIG_NAME), "w") as f:
             yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
-    def push_to_hub(
-        self, repo_id: str, revision: Optional[str] = None, private: Optional[bool] = None,
-        commit_message: str = "Upload unified model", run_dir: Optional[str] = None,
-    ):
-        """Upload ``save_pretrained`` output plus a model card to hub repo ``repo_id`` (created if missing).
-
-        ``run_dir``: a training output directory (or the export in it) whose ``train_config.yaml`` data sources
-        and ``metrics.json`` go into the card. Returns the hub's ``CommitInfo``.
-        """
-        return push_folder(self.save_pretrained, "mllm", repo_id, revision, private, commit_message, run_dir)
-
     def _base_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA model's base weights under their original names (PEFT nests them as ``*.base_layer``)."""
         state = {}
@@ -290,14 +283,6 @@ class UnifiedModel(nn.Module):
         super().train(mode)
         self.vqrae.eval()  # frozen: its dropout/norm statistics never switch to training behaviour
         return self
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters for the optimizer (never the VQRAE's)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def image_token_spec(self) -> ImageTokenSpec:
-        """The image layout ``mllm.generate.generate_image_codes`` needs."""
-        return self.vocab.image_token_spec(self.vqrae.num_tokens)
 
     def image_codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
         """VQRAE code indices (any shape) -> token ids."""
@@ -361,15 +346,37 @@ class UnifiedModel(nn.Module):
         images: Optional[torch.Tensor] = None,
         image_mask: Optional[torch.Tensor] = None,
     ) -> UnifiedOutput:
-        """Next-token logits (B, L, V) and, with ``labels`` (B, L; -100 = no loss), the shifted cross-entropy."""
+        """Next-token logits (B, L, V) and, with ``labels`` (B, L; -100 = no loss), the shifted cross-entropy.
+
+        A training forward (labels given, grad enabled) returns no logits: it runs the LLM's base model and
+        applies the output layer at the labelled positions only, and the cross-entropy over the full vocabulary
+        never holds an fp32 copy of the (positions x V) logits. A generation batch labels only its visual tokens,
+        an understanding batch only its answers. LLMs whose logits are not their output layer on the last hidden
+        state (soft-capped, rescaled) take the full forward.
+        """
         embeds = self.embed(input_ids, images, image_mask)
-        logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
-        if labels is None:
-            return UnifiedOutput(logits=logits)
-        targets = labels[:, 1:]  # position t predicts token t + 1
-        ce = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view_as(targets)
+        split = self._split_llm(embeds) if labels is not None and torch.is_grad_enabled() else None
+        if split is None:
+            logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+            if labels is None:
+                return UnifiedOutput(logits=logits)
+            targets = labels[:, 1:]  # position t predicts token t + 1
+            ce = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+            ).view_as(targets)
+            return self._loss_terms(ce, targets, logits)
+        body, head = split
+        out = body(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state  # (B, L, H)
+        targets = labels[:, 1:]
+        valid = targets != IGNORE_INDEX
+        # The sampler draws only among code tokens inside an image, yet the loss stays the full-vocabulary
+        # cross-entropy: equal to the full forward's, and it keeps text tokens unlikely at image positions.
+        ce = labelled_cross_entropy(head(hidden[:, :-1][valid]), targets[valid])  # (n,)
+        return self._loss_terms(ce, targets[valid], None)
+
+    def _loss_terms(self, ce: torch.Tensor, targets: torch.Tensor, logits: Optional[torch.Tensor]) -> UnifiedOutput:
+        """Mean cross-entropy ``ce`` (0 at unlabelled targets) over all, image and text ``targets`` of any shape."""
         valid = targets != IGNORE_INDEX
         image = valid & (self.vocab.is_code(targets) | (targets == self.vocab.eoi_id))
         text = valid & ~image
@@ -379,6 +386,14 @@ class UnifiedModel(nn.Module):
             image_loss=(ce * image).sum() / image.sum().clamp_min(1),
             text_loss=(ce * text).sum() / text.sum().clamp_min(1),
         )
+
+    def _split_llm(self, embeds: torch.Tensor) -> Optional[tuple[nn.Module, nn.Module]]:
+        """(base model, output layer) of the LLM when its logits are that layer on the base model's last hidden
+        state, else None; checked once per LLM (``merge_lora`` replaces it) in the dtype of ``embeds``."""
+        cached = getattr(self, "_llm_split", None)
+        if cached is None or cached[0] is not self.llm:
+            cached = self._llm_split = (self.llm, split_output_layer(self.llm, embeds))
+        return cached[1]
 
     def _code_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L, H): the ``image_positions`` row of each code token's index in its image, zero elsewhere.
@@ -400,6 +415,40 @@ class UnifiedModel(nn.Module):
 
     def _vqrae_dtype(self) -> torch.dtype:
         return next(self.vqrae.parameters()).dtype
+
+
+def labelled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 2**26) -> torch.Tensor:
+    """Per-row cross-entropy (n,) in fp32 of logits (n, V) of any float dtype against targets (n,).
+
+    Equal to ``F.cross_entropy(logits.float(), targets, reduction="none")`` in value and gradient, without its
+    fp32 copies of the whole (n, V) logits: rows are taken ``chunk_elems // V`` at a time (256 MiB of fp32).
+    """
+    return _CrossEntropy.apply(logits, targets, max(1, chunk_elems // logits.shape[-1]))
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Keeps only the logits (their own dtype) and the fp32 log-partition for backward, where the gradient
+    softmax - onehot is formed chunk by chunk; autograd through ``F.cross_entropy(logits.float())`` keeps the
+    fp32 log-probabilities of every row and makes (n, V) fp32 gradients on the way back."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        lse = torch.cat([part.float().logsumexp(dim=-1) for part in logits.split(rows)])  # (n,)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.rows = rows
+        return lse - logits.gather(1, targets.unsqueeze(1)).squeeze(1).float()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for r0 in range(0, logits.shape[0], ctx.rows):
+            rows = slice(r0, r0 + ctx.rows)
+            p = (logits[rows].float() - lse[rows, None]).exp_()  # softmax, (rows, V) fp32
+            p.scatter_add_(1, targets[rows, None], p.new_full((p.shape[0], 1), -1.0))  # minus the one-hot target
+            out[rows] = p.mul_(grad[rows, None])
+        return out, None, None
 
 
 _SAFETENSORS_HINT = ("only safetensors are loaded (use_safetensors=True): re-save the model with save_pretrained, "
@@ -433,11 +482,11 @@ def _check_llm_source(cfg: MLLMConfig) -> None:
 
 
 def _load_llm(source: str, cfg: MLLMConfig, trust_remote_code: bool, gguf: bool) -> PreTrainedModel:
-    if cfg.dtype not in _DTYPES:
-        raise ValueError(f"MLLMConfig.dtype must be one of {', '.join(_DTYPES)}, got '{cfg.dtype}'")
+    if cfg.dtype not in LLM_DTYPES:
+        raise ValueError(f"MLLMConfig.dtype must be one of {', '.join(LLM_DTYPES)}, got '{cfg.dtype}'")
     if not (gguf and cfg.gguf_file):
         return AutoModelForCausalLM.from_pretrained(
-            source, dtype=_DTYPES[cfg.dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+            source, dtype=LLM_DTYPES[cfg.dtype], trust_remote_code=trust_remote_code, use_safetensors=True
         )
     kwargs = {}
     try:
@@ -447,7 +496,7 @@ def _load_llm(source: str, cfg: MLLMConfig, trust_remote_code: bool, gguf: bool)
     except ImportError:  # older transformers always dequantise GGUF weights
         pass
     llm = AutoModelForCausalLM.from_pretrained(
-        source, dtype=_DTYPES[cfg.dtype], trust_remote_code=trust_remote_code, gguf_file=cfg.gguf_file, **kwargs
+        source, dtype=LLM_DTYPES[cfg.dtype], trust_remote_code=trust_remote_code, gguf_file=cfg.gguf_file, **kwargs
     )
     # transformers may still mark a GGUF-loaded model as quantized, and then refuses to save it. The weights
     # are ordinary tensors by now, so the model is an ordinary one.
@@ -461,17 +510,12 @@ def _load_llm(source: str, cfg: MLLMConfig, trust_remote_code: bool, gguf: bool)
 
 def _with_lora(llm: PreTrainedModel, lora: LoraSettings, vocab: ImageVocab, adapter: Optional[str]) -> nn.Module:
     """Wrap ``llm`` in a PEFT LoRA model whose image-token rows (embedding and LM head) also train and save."""
-    import peft
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter is not None:
         refuse_pickled_weights(adapter, "LoRA adapter", "only adapter_model.safetensors is loaded: save the adapter "
                                "with save_pretrained, whose default is safetensors")
         return PeftModel.from_pretrained(llm, adapter, is_trainable=True)
-    if "trainable_token_indices" not in LoraConfig.__dataclass_fields__:
-        raise ImportError(
-            f"LoRA with new vocabulary rows needs peft >= 0.15 (trainable_token_indices), found {peft.__version__}"
-        )
     modules = dict((id(m), name) for name, m in llm.named_modules())
     ids = vocab.token_ids
     # Only the rows of the image tokens train (and are saved with the adapter); both matrices are named, and

@@ -14,8 +14,6 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .generate import ImageTokenSpec
-
 BOI, EOI, IMAGE = "<boi>", "<eoi>", "<image>"
 _CODE = re.compile(r"<img_(\d{5,})>")
 
@@ -42,6 +40,10 @@ class ImageVocab:
     boi_id: int
     eoi_id: int
     image_id: int
+
+    def __post_init__(self) -> None:
+        if self.codebook_size <= 0 or self.code_offset < 0:
+            raise ValueError(f"ImageVocab needs codebook_size > 0 and code_offset >= 0, got {self}")
 
     @classmethod
     def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> "ImageVocab":
@@ -87,13 +89,6 @@ class ImageVocab:
     def is_code(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the ids that are image codes."""
         return (token_ids >= self.code_offset) & (token_ids < self.code_offset + self.codebook_size)
-
-    def image_token_spec(self, num_tokens: int) -> ImageTokenSpec:
-        """The layout the image sampler needs, for images of ``num_tokens`` codes."""
-        return ImageTokenSpec(
-            boi_id=self.boi_id, eoi_id=self.eoi_id, code_offset=self.code_offset,
-            codebook_size=self.codebook_size, num_tokens=num_tokens,
-        )
 
 
 def _code_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[int, int]:

@@ -21,6 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vqrae.cli import Parser, UsageError, check_model_arg, one_line  # noqa: E402
+
 DEFAULT_MODEL = "outputs/demo/mllm/model"  # where scripts/run_demo.sh leaves the unified model (as scripts/generate.py)
 DEMO_IMAGES = "data/shapes/test"  # the demo's held-out images, offered as examples on the Ask tab
 MAX_IMAGES = 16  # images per Draw request: the queue is shared, one request should not hold it for long
@@ -30,17 +32,8 @@ MAX_UPLOAD = "50mb"  # refused by the server before the file is read; pixels are
 SEED_LIMIT = 2**31
 
 
-class UsageError(Exception):
-    """Bad start-up arguments, reported as one line and exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print the whole usage block first
-        raise UsageError(message)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"a saved unified model directory (default {DEFAULT_MODEL})")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -252,12 +245,7 @@ def main(argv=None) -> int:
             raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if not 0 < args.port < 65536:
             raise UsageError(f"--port must be in 1..65535, got {args.port}")
-        from vqrae.hub import is_hub_id  # a hub id (owner/name) resolves when the model loads
-
-        if not os.path.isdir(args.model) and not is_hub_id(args.model):
-            demo = args.model == DEFAULT_MODEL
-            hint = " (train one with `bash scripts/run_demo.sh`, or pass --model DIR)" if demo else ""
-            raise UsageError(f"no model directory at '{args.model}'{hint}")
+        check_model_arg(args.model, DEFAULT_MODEL)
         # Usage statistics would be sent to gradio's servers; an offline machine would only wait on them.
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         try:
@@ -273,7 +261,7 @@ def main(argv=None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(args.model, device, None if args.dtype == "auto" else args.dtype)
     except (UsageError, ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     demo = build_app(model, args.max_new_tokens, args.examples)
     allowed = [os.path.abspath(args.examples)] if os.path.isdir(args.examples) else None

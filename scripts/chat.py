@@ -16,21 +16,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vqrae.cli import Parser, UsageError, check_model_arg, one_line  # noqa: E402
+
 DEFAULT_MODEL = "outputs/demo/mllm/model"  # where scripts/run_demo.sh leaves the unified model (as scripts/generate.py)
 HELP = "commands: /image PATH (new image, new conversation), /reset (forget the turns), /quit"
 
 
-class UsageError(Exception):
-    """Bad input, reported as one line and exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print the whole usage block first
-        raise UsageError(message)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--image", required=True, metavar="PATH", help="the image to talk about")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"a saved unified model directory (default {DEFAULT_MODEL})")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
@@ -47,9 +40,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _notice(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _ask(model, conversation, question: str, args, sampling) -> None:
@@ -99,7 +89,7 @@ def chat(model, conversation, args, sampling, lines) -> None:
             else:
                 _ask(model, conversation, line, args, sampling)
         except ValueError as e:
-            print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
 
 
 def _lines():
@@ -115,18 +105,13 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         if args.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        from vqrae.hub import is_hub_id  # a hub id (owner/name) resolves when the model loads
-
-        if not os.path.isdir(args.model) and not is_hub_id(args.model):
-            demo = args.model == DEFAULT_MODEL
-            hint = " (train one with `bash scripts/run_demo.sh`, or pass --model DIR)" if demo else ""
-            raise UsageError(f"no model directory at '{args.model}'{hint}")
+        check_model_arg(args.model, DEFAULT_MODEL)
         # Heavy imports only now: bad arguments fail above in a fraction of a second.
         import torch
         from transformers.utils import logging as hf_logging
 
         from mllm.chat import read_chat_image, start_conversation
-        from mllm.generate import SamplingConfig
+        from mllm.sample import SamplingConfig
         from mllm.inference import load_model
 
         hf_logging.set_verbosity_error()
@@ -137,7 +122,7 @@ def main(argv=None) -> int:
         model = load_model(args.model, device, None if args.dtype == "auto" else args.dtype)
         conversation = start_conversation(model, image)
     except (UsageError, ValueError, OSError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     if sys.stdin.isatty():
         _notice(HELP)

@@ -27,23 +27,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vqrae.cli import Parser, UsageError, one_line  # noqa: E402
+
 DEFAULT_MODEL = "outputs/demo/mllm/model"  # where scripts/run_demo.sh leaves the unified model
 DEFAULT_OUT = "outputs/generated"
 MAX_IMAGES = 4096  # images per run: beyond this a job is better split into runs that can each be rerun alone
 GRID_MAX = 256  # grid.png shows at most this many images (whole prompt rows where it can), so it stays viewable
 
 
-class UsageError(Exception):
-    """Bad input, reported as one line and exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print the whole usage block first
-        raise UsageError(message)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     what = p.add_argument_group("what to do")
     what.add_argument("--prompt", help="a caption to draw, or with --image the question")
     what.add_argument("--prompts", metavar="FILE", help="a file of captions, one per line")
@@ -210,7 +203,7 @@ def _run(args: argparse.Namespace, prompts: list[str]) -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from mllm.generate import SamplingConfig
+    from mllm.sample import SamplingConfig
     from mllm.inference import answer_question, read_image
 
     hf_logging.set_verbosity_error()
@@ -243,9 +236,6 @@ def _run(args: argparse.Namespace, prompts: list[str]) -> None:
     print(f"seed: {seed}")
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
 
 def main(argv=None) -> int:
     try:
@@ -255,7 +245,7 @@ def main(argv=None) -> int:
             _check_image_count(len(prompts), args.num_images)
         _run(args, prompts)
     except (UsageError, ValueError, OSError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

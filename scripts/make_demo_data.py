@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vqrae.shapes import HELD_OUT, IMAGE_SIZE, write_imagefolder  # noqa: E402
+from demo.shapes import HELD_OUT, IMAGE_SIZE, write_imagefolder  # noqa: E402
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=IMAGE_SIZE, help="pixels per side")
     ap.add_argument("--held-out", choices=sorted(HELD_OUT), default="placements",
-                    help="what the test split holds out of training (vqrae/shapes.py: HELD_OUT)")
+                    help="what the test split holds out of training (demo/shapes.py: HELD_OUT)")
     args = ap.parse_args()
     write_imagefolder(args.out, args.train, args.test, args.seed, args.size, args.held_out)
     print(f"shapes data set: {args.train} train / {args.test} held-out test images ({args.held_out}) in {args.out}")

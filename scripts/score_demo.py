@@ -5,7 +5,7 @@
 - tokenizer: PSNR of reconstructions and codebook use over every held-out image, and whether each reconstruction
   still shows its picture's colour, shape, position and size (judged from pixels like generated images: the
   ceiling for generation);
-- generation: images for held-out captions, judged from their pixels (vqrae.shapes.classify): does the colour,
+- generation: images for held-out captions, judged from their pixels (demo.shapes.classify): does the colour,
   shape, position and size match the caption?
 - understanding: every question about held-out images, exact-match answer accuracy.
 Prints one table, writes the numbers as JSON, and saves picture grids (generated images per prompt, and
@@ -41,7 +41,7 @@ def parse_args(argv=None):
 
 
 def _attrs(row: dict):
-    from vqrae import shapes
+    from demo import shapes
 
     return shapes.ShapeAttrs(*(row[f] for f in ("shape", "colour", "size", "position", "background")))
 
@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     from PIL import Image
 
     from mllm.inference import answer_question, generate_images, image_grid, load_model, save_png, to_uint8
-    from vqrae import shapes
+    from demo import shapes
     from vqrae.evaluate import build_eval_loader, eval_data_config, evaluate
 
     rows = [json.loads(line) for line in open(meta)]

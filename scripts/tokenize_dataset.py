@@ -11,18 +11,17 @@ would compute on the fly.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vqrae.training import run_cli  # noqa: E402
+from vqrae import cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--vqrae", required=True, help="VQRAE checkpoint directory (or a unified model export's vqrae/)")
     p.add_argument("--data", required=True, help="imagefolder directory, .tar shards or hub dataset id")
     p.add_argument("--split", default="train")
@@ -40,7 +39,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from mllm.trainer import write_codes
+    from mllm.codes import write_codes
     from vqrae import VQRAE
 
     out = args.out or os.path.join("outputs", "codes", re.sub(r"[^\w.-]+", "_", args.data.strip("/")) + f"-{args.split}")
@@ -54,4 +53,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(cli.main(main))

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from vqrae import shapes  # noqa: E402
+from demo import shapes  # noqa: E402
 
 # The architecture the demo tokenizer config names (configs/tokenizer/demo_stage1.yaml: encoder.model_kwargs).
 ARCH = dict(name="vit_small_patch16_224", img_size=shapes.IMAGE_SIZE, patch_size=8, embed_dim=96, depth=4, num_heads=4,

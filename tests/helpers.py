@@ -9,15 +9,18 @@ import argparse
 import os
 import random
 import re
+import runpy
+import socket
 import subprocess
 import sys
 
 import torch
+from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from vqrae import VQRAE, DecoderConfig, EncoderConfig, QuantizerConfig, VQRAEConfig
-from vqrae.shapes import caption, questions, sample_attrs, write_imagefolder
+from demo.shapes import caption, questions, sample_attrs, write_imagefolder
 
 CODEBOOK_SIZE = 64  # K of the tiny VQRAE
 NUM_TOKENS = 16  # codes per image: 32 px with 8 px patches
@@ -72,13 +75,15 @@ def write_llm(path: str, family: str = "qwen3", tokenizer: PreTrainedTokenizerFa
     return str(path)
 
 
-def tiny_vqrae_config(image_size: int = 32, codebook_size: int = CODEBOOK_SIZE) -> VQRAEConfig:
+TINY_TIMM = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)  # a ViT of a few k parameters
+
+
+def tiny_vqrae_config(image_size: int = 32, codebook_size: int = CODEBOOK_SIZE, codebook_dim: int = 16) -> VQRAEConfig:
     """A VQRAE small enough to run in milliseconds on a CPU (timm SigLIP-shaped encoder, random init)."""
     return VQRAEConfig(
         encoder=EncoderConfig(backend="timm", name="vit_so400m_patch16_siglip_256", pretrained=False,
-                              image_size=image_size,
-                              model_kwargs=dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)),
-        quantizer=QuantizerConfig(codebook_size=codebook_size, codebook_dim=16),
+                              image_size=image_size, model_kwargs=dict(TINY_TIMM)),
+        quantizer=QuantizerConfig(codebook_size=codebook_size, codebook_dim=codebook_dim),
         decoder=DecoderConfig(patch_size=8, image_size=image_size),
     )
 
@@ -98,18 +103,70 @@ def write_tiny_assets(root: str, family: str = "qwen3", num_train: int = 48) -> 
     return paths
 
 
-def deepspeed_run(script: str, config: str, *overrides: str, num_gpus: int = 2,
-                  resume: str | None = None) -> subprocess.CompletedProcess:
-    """Run ``script`` under the real ``deepspeed`` launcher (CPU ranks without a GPU); fail with its output."""
+def deepspeed_run(script: str, config: str, *overrides: str, num_gpus: int = 2, resume: str | None = None,
+                  check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``script`` under the real ``deepspeed`` launcher (CPU ranks without a GPU); with ``check`` fail
+    with its output when it fails."""
     port = 29500 + os.getpid() % 2000
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(num_gpus), "--master_port",
            str(port), script, "--config", config, *overrides] + (["--resume", resume] if resume else [])
     # DeepSpeed JIT-builds a CPU communication op once; a shared cache keeps later launches fast.
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/vqrae_torch_ext"))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def write_images(folder: str, n: int = 48, size: int = 40, seed: int = 0) -> None:
+    """``n`` RGB PNGs: a random background with a random ellipse."""
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        img = Image.new("RGB", (size, size), tuple(rng.randint(0, 255) for _ in range(3)))
+        x, y = rng.randint(0, size // 2), rng.randint(0, size // 2)
+        fill = tuple(rng.randint(0, 255) for _ in range(3))
+        ImageDraw.Draw(img).ellipse([x, y, x + size // 3, y + size // 3], fill=fill)
+        img.save(os.path.join(folder, f"{i:03d}.png"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env() -> dict:
+    """The environment the launcher gives a lone rank, on a free port."""
+    return dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(free_port()))
+
+
+def run_script(name: str, argv: list[str]) -> int:
+    """``python scripts/<name> argv`` in this process (its ``__main__`` block runs); returns the exit code."""
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [name, *argv]
+    try:
+        runpy.run_path(os.path.join(ROOT, "scripts", name), run_name="__main__")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    return 0
+
+
+def error_line(stderr: str) -> str:
+    """The one ``error:`` line a failed run must end stderr with; nothing like a traceback before it."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr
+    return errors[0]
+
+
+def log_lines(caplog) -> list[str]:
+    """The messages the trainers logged (``vqrae`` logger) during a test."""
+    return [r.getMessage() for r in caplog.records if r.name == "vqrae"]
 
 
 def logged(log: str, key: str) -> list[float]:

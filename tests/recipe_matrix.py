@@ -1,5 +1,5 @@
 """Every shipped recipe (each YAML under configs/tokenizer/ and configs/mllm/) trained for two optimizer steps
-through the entry points' ``main``, in one process, with only its sizes shrunk.
+through the trainers' ``train`` (``vqrae.train``, ``mllm.train``), in one process, with only its sizes shrunk.
 
 What a recipe says about *how* it trains stays: precision, ZeRO stage and DeepSpeed JSON, stage, loss terms
 and weights, EMA, LoRA, freezing, schedule, data format. What changes: widths, depths, K, e, image size, batch
@@ -15,7 +15,6 @@ recipe's export runs after it and starts from what it wrote.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import logging
 import os
@@ -46,13 +45,6 @@ def recipe_names() -> list[str]:
     return [os.path.relpath(p, ROOT) for p in TOKENIZER_RECIPES + MLLM_RECIPES] + sorted(VARIANTS)
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_recipe_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class Assets:
     """Tiny stand-ins for what recipes name outside the repository, written once under ``root``."""
 
@@ -66,7 +58,7 @@ class Assets:
         return self._done[key]
 
     def shapes(self) -> str:
-        from vqrae.shapes import write_imagefolder
+        from demo.shapes import write_imagefolder
 
         def make():
             path = os.path.join(self.root, "shapes")
@@ -81,7 +73,7 @@ class Assets:
         def make():
             import random
 
-            from vqrae.shapes import questions, render, sample_attrs
+            from demo.shapes import questions, render, sample_attrs
 
             folder = os.path.join(self.root, "llava")
             os.makedirs(os.path.join(folder, "images"), exist_ok=True)
@@ -176,9 +168,9 @@ class Matrix:
 
         path, extra = self._source(name)
         if self._kind(name) == "tokenizer":
-            from vqrae.trainer import TokenizerTrainConfig as schema
+            from vqrae.train import TokenizerTrainConfig as schema
         else:
-            from mllm.trainer import MLLMTrainConfig as schema
+            from mllm.train import MLLMTrainConfig as schema
         return load_config(schema, os.path.join(ROOT, path), list(extra) + list(overrides))
 
     def _export_of(self, path: str) -> str | None:
@@ -248,12 +240,15 @@ class Matrix:
             sizes = self._tokenizer_overrides(name, cfg) if self._kind(name) == "tokenizer" else self._mllm_overrides(name, cfg)
             common = [f"run.output_dir={out_dir}", f"run.steps={STEPS}", "run.batch_size=2", "run.micro_batch_size=1",
                       f"run.save_every={STEPS}", "run.log_every=1", "run.image_every=1", "run.progress_bar=false"]
-            path, extra = self._source(name)
-            argv = ["--config", os.path.join(ROOT, path), *extra, *sizes, *common]
+            if self._kind(name) == "tokenizer":
+                from vqrae.train import train
+            else:
+                from mllm.train import train
+            overrides = [*sizes, *common]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _script("train_tokenizer" if self._kind(name) == "tokenizer" else "train_mllm").main(argv)
-            result = {"status": "ok", "argv": argv}
+                train(self._load(name, overrides))
+            result = {"status": "ok", "overrides": overrides}
         except BaseException as e:  # noqa: BLE001 - a cell's failure is its result; the matrix goes on
             result = {"status": "failed", "error": f"{type(e).__name__}: {str(e).strip()[:2000]}",
                       "traceback": traceback.format_exc()[-4000:]}

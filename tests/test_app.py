@@ -4,7 +4,6 @@ import importlib.util
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,13 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from mllm.chat import chat_answer, read_chat_image, start_conversation  # noqa: E402
 from mllm.inference import generate_images, load_model, to_uint8  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 from tests.test_chat import write_chat_model  # noqa: E402
-from vqrae.shapes import write_imagefolder  # noqa: E402
+from demo.shapes import write_imagefolder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6  # --max-new-tokens of the served app
 START_TIMEOUT = 300  # seconds for the app to load the model and serve (a busy 2-core CI machine)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_serving(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:

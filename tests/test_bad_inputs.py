@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 
 from mllm import MLLMConfig, UnifiedModel, add_image_tokens
-from mllm.trainer import write_codes
+from mllm.codes import write_codes
 from tests.helpers import make_tokenizer, tiny_vqrae_config, write_llm, write_tiny_assets, write_vqrae
-from tests.test_reliability import DIST_ENV, ROOT, error_line, run_script, single_rank, write_images  # noqa: F401
+from tests.conftest import DIST_ENV
+from tests.helpers import ROOT, error_line, run_script, write_images
 from vqrae import VQRAE
 
 TOKENIZER_CONFIG = os.path.join(ROOT, "configs", "tokenizer", "tiny_stage1.yaml")

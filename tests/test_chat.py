@@ -12,7 +12,7 @@ from mllm.chat import chat_answer, chat_prompt, read_chat_image, start_conversat
 from mllm.inference import answer_question, load_model
 from tests.helpers import CODEBOOK_SIZE as K
 from tests.helpers import write_llm, write_vqrae
-from vqrae.shapes import write_imagefolder
+from demo.shapes import write_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "chat.py"

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import runpy
 import shutil
 import socket
 import subprocess
@@ -24,13 +23,13 @@ import deepspeed  # noqa: F401
 import pytest
 import torch
 
-from tests.helpers import write_tiny_assets
-from vqrae.training import LOCK, MANIFEST, Checkpointer, TrainingError, damage
+from tests.conftest import DIST_ENV
+from tests.helpers import error_line, log_lines, rank_env, run_script, write_tiny_assets
+from vqrae.runtime import LOCK, MANIFEST, Checkpointer, TrainingError, damage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "configs", "tokenizer", "tiny_stage1.yaml")
 MLLM = os.path.join(ROOT, "configs", "mllm", "tiny.yaml")
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Fast tiny runs: no LPIPS, no TensorBoard or image grids, one optimizer step per micro-batch.
 FAST = ["loss.perceptual_weight=0", "run.tensorboard=false", "run.image_every=0", "run.batch_size=4",
         "run.micro_batch_size=4", "run.log_every=1", "run.keep_last=5"]
@@ -39,56 +38,6 @@ OPTIM_STATES = "generator/zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank_env() -> dict:
-    return dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(free_port()))
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    """The environment the launcher gives one rank, for trainers run in this process; restored afterwards."""
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
-    os.environ.update(rank_env())
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def run_script(name: str, argv: list[str]) -> int:
-    """``python scripts/<name> argv`` in this process (its ``__main__`` block runs); returns the exit code."""
-    saved_argv, saved_path = sys.argv, list(sys.path)
-    sys.argv = [name, *argv]
-    try:
-        runpy.run_path(os.path.join(ROOT, "scripts", name), run_name="__main__")
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv, sys.path[:] = saved_argv, saved_path
-    return 0
-
-
-def error_line(stderr: str) -> str:
-    """The one ``error:`` line a failed run must end stderr with; nothing like a traceback before it."""
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], stderr
-    return errors[0]
-
-
-def log_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "vqrae"]
 
 
 def blake2b(path: str) -> str:

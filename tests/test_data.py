@@ -14,7 +14,7 @@ from vqrae.data import (
     ResumableSampler,
     SampleKey,
     build_dataloader,
-    collate,
+    collate_images,
     load_image,
     transform,
 )
@@ -194,7 +194,7 @@ def test_split_folders_load_their_own_rows_as_split_inference_does(tmp_path):
 
 
 def test_collate_with_only_bad_rows():
-    batch = collate([{"index": 0, "status": "empty", "sampler_state": None}])
+    batch = collate_images([{"index": 0, "status": "empty", "sampler_state": None}])
     assert len(batch) == 0 and batch.pixels.shape[0] == 0 and batch.data_stats == Counter({"empty": 1})
 
 

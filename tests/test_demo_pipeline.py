@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_quick_demo_runs_every_step_and_beats_chance(tmp_path):
-    for name in ("scripts", "configs", "vqrae", "mllm"):
+    for name in ("scripts", "configs", "vqrae", "mllm", "demo"):
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
     env = dict(
         os.environ,

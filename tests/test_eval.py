@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from tests.conftest import tiny_vqrae_config
+from tests.helpers import tiny_vqrae_config
 from vqrae import VQRAE
 from vqrae.evaluate import build_eval_loader, eval_data_config, evaluate
 from vqrae.losses import PerceptualLoss

@@ -2,8 +2,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen3Config
 
-from mllm.generate import (
-    ImageTokenSpec,
+from mllm.vocab import ImageVocab
+
+from mllm.sample import (
     SamplingConfig,
     generate_image_codes,
     generate_text,
@@ -12,7 +13,8 @@ from mllm.generate import (
 )
 
 VOCAB, K = 300, 32
-SPEC = ImageTokenSpec(boi_id=VOCAB - K - 2, eoi_id=VOCAB - K - 1, code_offset=VOCAB - K, codebook_size=K, num_tokens=9)
+N = 9  # code tokens per image
+SPEC = ImageVocab(code_offset=VOCAB - K, codebook_size=K, boi_id=VOCAB - K - 2, eoi_id=VOCAB - K - 1, image_id=VOCAB - K - 3)
 LO, HI = SPEC.code_offset, SPEC.code_offset + K
 PAD = 0
 GREEDY = SamplingConfig(temperature=0, cfg_scale=1)
@@ -45,7 +47,7 @@ def lm(request):
 def reference_codes(lm, prompt, uncond, scale):
     """Greedy image codes by re-running the full sequence every step (no cache, no padding, no batching)."""
     cond_seq, uncond_seq, codes = prompt + [SPEC.boi_id], (uncond or []) + [SPEC.boi_id], []
-    for _ in range(SPEC.num_tokens):
+    for _ in range(N):
         c = lm(torch.tensor([cond_seq])).logits[0, -1, LO:HI]
         if uncond is not None:
             u = lm(torch.tensor([uncond_seq])).logits[0, -1, LO:HI]
@@ -69,19 +71,19 @@ def reference_text(lm, prompt, steps):
 def test_cached_image_decoding_matches_full_forward(lm, guided):
     scale = 3.0 if guided else 1.0
     sampling = SamplingConfig(temperature=0, cfg_scale=scale)
-    codes = generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=UNCOND if guided else None, pad_id=PAD)
+    codes = generate_image_codes(lm, PROMPTS, SPEC, N, sampling, uncond_ids=UNCOND if guided else None, pad_id=PAD)
     want = [reference_codes(lm, p, UNCOND[0] if guided else None, scale) for p in PROMPTS]
     assert codes.tolist() == want
 
 
-@pytest.mark.parametrize("arch, head_calls", [("llama", 2), ("gemma2", 2 + SPEC.num_tokens)])
+@pytest.mark.parametrize("arch, head_calls", [("llama", 2), ("gemma2", 2 + N)])
 def test_code_only_head_is_used_exactly_when_it_gives_the_models_logits(arch, head_calls):
     lm = tiny_lm(arch, "eager")
     calls = []
     hook = lm.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
     try:
         sampling = SamplingConfig(temperature=0, cfg_scale=3.0)
-        codes = generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD)
+        codes = generate_image_codes(lm, PROMPTS, SPEC, N, sampling, uncond_ids=UNCOND, pad_id=PAD)
     finally:
         hook.remove()
     # The one-token check runs the full output layer twice (model forward, layer on the hidden state). After
@@ -109,7 +111,7 @@ def test_peft_lora_model_decodes_like_its_full_forward(token_rows):
             if "trainable_tokens_delta" in name:
                 p.add_(torch.randn_like(p))
     sampling = SamplingConfig(temperature=0, cfg_scale=3.0)
-    codes = generate_image_codes(wrapped, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD)
+    codes = generate_image_codes(wrapped, PROMPTS, SPEC, N, sampling, uncond_ids=UNCOND, pad_id=PAD)
     want = [reference_codes(wrapped, p, UNCOND[0], 3.0) for p in PROMPTS]
     with wrapped.disable_adapter():
         assert [reference_codes(wrapped, p, UNCOND[0], 3.0) for p in PROMPTS] != want
@@ -123,33 +125,33 @@ def test_left_padded_batch_equals_each_prompt_alone(attn):
     lm = tiny_lm("llama", attn)
     sampling = SamplingConfig(temperature=0, cfg_scale=2.0)
     uncond = [[1], [2, 3, 4, 5, 6, 7, 8, 9, 10]]  # per-row unconditional prompts, padded too
-    batch = generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=uncond, pad_id=PAD)
+    batch = generate_image_codes(lm, PROMPTS, SPEC, N, sampling, uncond_ids=uncond, pad_id=PAD)
     for i, prompt in enumerate(PROMPTS):
-        alone = generate_image_codes(lm, [prompt], SPEC, sampling, uncond_ids=[uncond[i]], pad_id=PAD)
+        alone = generate_image_codes(lm, [prompt], SPEC, N, sampling, uncond_ids=[uncond[i]], pad_id=PAD)
         assert batch[i].tolist() == alone[0].tolist()
 
 
 def test_dynamic_cache_matches_static_and_caches_are_reusable(lm):
     sampling = SamplingConfig(temperature=0, cfg_scale=2.0)
-    default = generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD)  # static, exact size
+    default = generate_image_codes(lm, PROMPTS, SPEC, N, sampling, uncond_ids=UNCOND, pad_id=PAD)  # the default cache
     rows, prompt_len = 2 * len(PROMPTS), max(map(len, PROMPTS)) + 1
-    for cache in (new_cache(lm, rows, prompt_len + SPEC.num_tokens + 5), new_cache(lm, rows, 0, static=False)):
+    for cache in (new_cache(lm, rows, prompt_len + N + 5), new_cache(lm, rows, 0, static=False)):
         for _ in range(2):  # the second call must reset the cache it is given
-            codes = generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD, cache=cache)
+            codes = generate_image_codes(lm, PROMPTS, SPEC, N, sampling, uncond_ids=UNCOND, pad_id=PAD, cache=cache)
             assert codes.tolist() == default.tolist()
-    assert cache.get_seq_length() == prompt_len + SPEC.num_tokens - 1  # the last code is never fed back
+    assert cache.get_seq_length() == prompt_len + N - 1  # the last code is never fed back
     for small, words in [(new_cache(lm, rows, 4), "holds"), (new_cache(lm, rows + 1, 64), "rows")]:
         with pytest.raises(ValueError, match=words):
-            generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD, cache=small)
+            generate_image_codes(lm, PROMPTS, SPEC, N, sampling, uncond_ids=UNCOND, pad_id=PAD, cache=small)
 
 
 def test_cfg_scale_one_equals_no_guidance(lm):
     plain = SamplingConfig(temperature=1.0, cfg_scale=1.0, seed=7)
-    without = generate_image_codes(lm, PROMPTS, SPEC, plain, pad_id=PAD)
-    with_uncond = generate_image_codes(lm, PROMPTS, SPEC, plain, uncond_ids=UNCOND, pad_id=PAD)
+    without = generate_image_codes(lm, PROMPTS, SPEC, N, plain, pad_id=PAD)
+    with_uncond = generate_image_codes(lm, PROMPTS, SPEC, N, plain, uncond_ids=UNCOND, pad_id=PAD)
     assert torch.equal(without, with_uncond)
     guided_sampling = SamplingConfig(cfg_scale=3.0, seed=7)
-    guided = generate_image_codes(lm, PROMPTS, SPEC, guided_sampling, uncond_ids=UNCOND, pad_id=PAD)
+    guided = generate_image_codes(lm, PROMPTS, SPEC, N, guided_sampling, uncond_ids=UNCOND, pad_id=PAD)
     assert not torch.equal(without, guided)
 
 
@@ -160,15 +162,15 @@ def test_only_code_indices_and_exact_length():
         top = lm(torch.tensor([PROMPTS[0] + [SPEC.boi_id]])).logits[0, -1].argmax()
     assert top < LO
     for sampling in (GREEDY, SamplingConfig(temperature=2.0, cfg_scale=3.0, seed=0)):
-        codes = generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD)
-        assert codes.shape == (len(PROMPTS), SPEC.num_tokens) and codes.dtype == torch.long
+        codes = generate_image_codes(lm, PROMPTS, SPEC, N, sampling, uncond_ids=UNCOND, pad_id=PAD)
+        assert codes.shape == (len(PROMPTS), N) and codes.dtype == torch.long
         assert codes.min() >= 0 and codes.max() < K
 
 
 def test_seed_determinism(lm):
     def run(seed, generator=None):
         s = SamplingConfig(temperature=1.0, cfg_scale=2.0, seed=seed)
-        return generate_image_codes(lm, PROMPTS, SPEC, s, uncond_ids=UNCOND, pad_id=PAD, generator=generator)
+        return generate_image_codes(lm, PROMPTS, SPEC, N, s, uncond_ids=UNCOND, pad_id=PAD, generator=generator)
 
     first = run(3)
     assert torch.equal(run(3), first)
@@ -181,8 +183,8 @@ def test_seed_determinism(lm):
 )
 def test_top_k_one_and_tiny_top_p_equal_greedy(lm, sampling):
     greedy_sampling = SamplingConfig(temperature=0, cfg_scale=2.0)
-    greedy = generate_image_codes(lm, PROMPTS, SPEC, greedy_sampling, uncond_ids=UNCOND, pad_id=PAD)
-    assert torch.equal(generate_image_codes(lm, PROMPTS, SPEC, sampling, uncond_ids=UNCOND, pad_id=PAD), greedy)
+    greedy = generate_image_codes(lm, PROMPTS, SPEC, N, greedy_sampling, uncond_ids=UNCOND, pad_id=PAD)
+    assert torch.equal(generate_image_codes(lm, PROMPTS, SPEC, N, sampling, uncond_ids=UNCOND, pad_id=PAD), greedy)
 
 
 def test_sampler_follows_the_distribution():
@@ -221,13 +223,13 @@ def test_invalid_sampling_values_raise_one_line(kwargs, words):
 
 def test_guidance_without_uncond_and_bad_uncond_count_raise(lm):
     with pytest.raises(ValueError, match="uncond_ids") as err:
-        generate_image_codes(lm, PROMPTS, SPEC, SamplingConfig(cfg_scale=4.0), pad_id=PAD)
+        generate_image_codes(lm, PROMPTS, SPEC, N, SamplingConfig(cfg_scale=4.0), pad_id=PAD)
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="uncond_ids"):
-        generate_image_codes(lm, PROMPTS * 2, SPEC, SamplingConfig(cfg_scale=4.0), uncond_ids=[[1], [2]], pad_id=PAD)
-    too_big = ImageTokenSpec(boi_id=1, eoi_id=2, code_offset=VOCAB - 8, codebook_size=K, num_tokens=4)
+        generate_image_codes(lm, PROMPTS * 2, SPEC, N, SamplingConfig(cfg_scale=4.0), uncond_ids=[[1], [2]], pad_id=PAD)
+    too_big = ImageVocab(code_offset=VOCAB - 8, codebook_size=K, boi_id=1, eoi_id=2, image_id=3)
     with pytest.raises(ValueError, match="LM head"):
-        generate_image_codes(lm, PROMPTS, too_big, GREEDY, pad_id=PAD)
+        generate_image_codes(lm, PROMPTS, too_big, 4, GREEDY, pad_id=PAD)
 
 
 def test_cached_text_decoding_matches_full_forward_from_ids_and_embeds(lm):

@@ -135,13 +135,13 @@ def test_generate_images_is_the_sampler_then_the_decoder(model, cfg_scale, negat
     assert out.images.shape == (6, 3, SIDE, SIDE) and out.codes.shape == (6, N)
     assert out.images.min() >= -1 and out.images.max() <= 1
 
-    # The same rows through mllm.generate in the same batches, one generator drawn from across batches.
+    # The same rows through mllm.sample in the same batches, one generator drawn from across batches.
     prompts = generation_prompts(model.tokenizer, captions)
     uncond = generation_prompt_ids(model.tokenizer, negative or "")
     rows = [prompts.cond[0]] * 3 + [prompts.cond[1]] * 3
     generator = torch.Generator().manual_seed(5)
     want = torch.cat([
-        generate_image_codes(model.llm, rows[s : s + 4], model.image_token_spec(), sampling,
+        generate_image_codes(model.llm, rows[s : s + 4], model.vocab, model.vqrae.num_tokens, sampling,
                              uncond_ids=[uncond] if cfg_scale != 1 else None,
                              pad_id=pad_token_id(model.tokenizer), generator=generator)
         for s in (0, 4)

@@ -11,12 +11,13 @@ import yaml
 from safetensors.torch import load_file
 
 from mllm import MLLMConfig, UnifiedModel
-from tests.helpers import CHATML, CODEBOOK_SIZE, deepspeed_run, make_llm, write_vqrae
-from vqrae.shapes import write_imagefolder
+from mllm.train import MLLMTrainConfig, train
+from tests.helpers import CHATML, CODEBOOK_SIZE, ROOT, log_lines, make_llm, write_vqrae
+from vqrae.config import load_config
+from demo.shapes import write_imagefolder
 
 gguf = pytest.importorskip("gguf")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/mllm/tiny.yaml"
 GGUF_NAME = "tiny.gguf"
 
@@ -140,20 +141,21 @@ def test_training_cli_hints(assets):
 
 
 @pytest.mark.slow
-def test_gguf_llm_trains_checkpoints_resumes_and_exports(assets, tmp_path):
+def test_gguf_llm_trains_checkpoints_resumes_and_exports(single_rank, assets, tmp_path, caplog):
     out = str(tmp_path / "run")
     common = [f"model.llm={assets['llm']}", f"model.gguf_file={GGUF_NAME}", f"model.vqrae={assets['vqrae']}",
               f"data.generation.source={assets['data']}", f"data.understanding.source={assets['data']}",
               "run.batch_size=2", "run.micro_batch_size=2", "run.save_every=1", "run.log_every=1",
               "run.keep_last=5", f"run.output_dir={out}"]
-    deepspeed_run("scripts/train_mllm.py", CONFIG, *common, "run.steps=2", num_gpus=1)
+    caplog.set_level("INFO", logger="vqrae")
+    train(load_config(MLLMTrainConfig, os.path.join(ROOT, CONFIG), [*common, "run.steps=2"]))
     step2 = os.path.join(out, "checkpoints", "step_00000002", "model")
     for step in (os.path.join(out, "checkpoints", "step_00000001", "model"), step2):
         with open(os.path.join(step, "mllm.yaml")) as f:
             assert yaml.safe_load(f)["gguf_file"] is None
     # The first steps run at warmup lr 0; the resumed third step is the one that moves the weights.
-    proc = deepspeed_run("scripts/train_mllm.py", CONFIG, *common, "run.steps=3", num_gpus=1, resume="auto")
-    assert "resumed from" in proc.stdout + proc.stderr
+    train(load_config(MLLMTrainConfig, os.path.join(ROOT, CONFIG), [*common, "run.steps=3"]), "auto")
+    assert any("resumed from" in line for line in log_lines(caplog))
     export = os.path.join(out, "model")
     model = UnifiedModel.from_pretrained(export)
     assert model.cfg.gguf_file is None and len(model.tokenizer) == 266 + CODEBOOK_SIZE + 3

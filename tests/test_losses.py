@@ -20,13 +20,7 @@ from vqrae.losses import (
 )
 
 
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a test tried to download weights")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(tv_api, "load_state_dict_from_url", refuse)
+pytestmark = pytest.mark.usefixtures("no_downloads")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

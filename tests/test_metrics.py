@@ -10,13 +10,7 @@ from vqrae.losses import PerceptualLoss
 from vqrae.metrics import CodebookUsage, FIDMetric, ReconstructionMetrics, psnr, ssim
 
 
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a test tried to download weights")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", refuse)
+pytestmark = pytest.mark.usefixtures("no_downloads")  # tests/conftest.py
 
 
 def _images(seed: int, b: int = 3, size: int = 32, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:

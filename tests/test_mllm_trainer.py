@@ -12,16 +12,14 @@ from safetensors.torch import load_file
 
 from mllm import MLLMConfig, UnifiedModel, UnifiedOutput
 from mllm.data import IGNORE_INDEX, collate, generation_prompt_ids
-from mllm.trainer import (
-    GENERATION, UNDERSTANDING, MLLMDataConfig, MLLMTrainConfig, TaskLoader, TaskMetrics, TaskSchedule, build_model,
-    check_config, export_model, make_loaders, open_codes, place_vqrae, prepare_batch, task_rows, unregister_vqrae,
-    write_codes,
-)
+from mllm.tasks import GENERATION, UNDERSTANDING, MLLMDataConfig, TaskLoader, TaskMetrics, TaskSchedule, make_loaders, task_rows
+from mllm.train import MLLMTrainConfig, build_model, check_config, export_model, prepare_batch, unregister_vqrae
+from mllm.codes import open_codes, place_vqrae, write_codes
 from tests.helpers import NUM_TOKENS, write_tiny_assets
 from vqrae import VQRAE
 from vqrae.config import ConfigError, load_config
 from vqrae.data import SampleKey
-from vqrae.training import RunConfig, TrainingError, autocast
+from vqrae.runtime import RunConfig, TrainingError, autocast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -121,7 +119,7 @@ def test_vqrae_stays_outside_the_module_and_gets_no_gradients(assets):
     assert not {id(p) for p in vqrae.parameters()} & {id(p) for p in model.parameters()}
     before = {k: v.clone() for k, v in vqrae.state_dict().items()}
     loaders = make_loaders(cfg.data, model, batch_size=2)
-    params = model.trainable_parameters()
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.5)
     for task in (GENERATION, UNDERSTANDING, GENERATION):
         out = model(**prepare_batch(model, loaders[task].next(), CPU).model_inputs())
@@ -287,7 +285,7 @@ def test_init_from_continues_an_export_with_the_new_stage_settings(assets, tmp_p
     pretrain = train_config(assets, task_ratio=0.0)
     pretrain.model.freeze_llm = True
     model = model_for(pretrain)
-    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.projector.parameters()}
+    assert {id(p) for p in [p for p in model.parameters() if p.requires_grad]} == {id(p) for p in model.projector.parameters()}
     with torch.no_grad():
         for p in model.projector.parameters():
             p.add_(1.0)  # stands in for the trained projector

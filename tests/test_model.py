@@ -5,7 +5,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import TINY_TIMM, tiny_vqrae_config
+from tests.helpers import TINY_TIMM, tiny_vqrae_config
 from vqrae import VQRAE, EncoderConfig, VFMEncoder
 from vqrae.decoder import DecoderConfig, build_decoder
 

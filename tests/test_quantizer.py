@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vqrae.quantizer import QuantizerConfig, SimVQ, VectorQuantizer, build_quantizer, kmeans, nearest_code
 
@@ -175,3 +176,55 @@ def test_tokenize_refuses_nan_features_instead_of_code_zero(tiny_config):
     images[1, :, :8, :8] = float("nan")
     with pytest.raises(ValueError, match=r"rows hold NaN or inf values"):
         model.tokenize(images)
+
+
+def _with_random_w(q):
+    if isinstance(q, SimVQ) and not isinstance(q, VectorQuantizer):
+        with torch.no_grad():
+            q.codebook_transform.weight.copy_(torch.randn_like(q.codebook_transform.weight) / q.codebook_dim**0.5)
+    return q
+
+
+@pytest.mark.parametrize("cls", [SimVQ, VectorQuantizer])
+def test_indices_to_codes_equals_the_full_codebook_lookup(cls):
+    torch.manual_seed(0)
+    q = _with_random_w(cls(32, 300, 16))
+    indices = torch.randint(0, 300, (3, 40))
+    full = q.proj_out(F.embedding(indices, q.codebook))  # all K codes through W, then indexed
+    torch.testing.assert_close(q.indices_to_codes(indices), full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [SimVQ, VectorQuantizer])
+def test_forward_equals_the_full_codebook_formulation_in_value_and_gradient(cls):
+    """Codes gathered before W give the indices, outputs and gradients of gathering from C = C'W^T."""
+    torch.manual_seed(0)
+    q = _with_random_w(cls(32, 300, 16))
+    x = torch.randn(2, 50, 32)
+    weights = torch.randn(2, 50, 32)  # a loss on the straight-through output with no symmetry to hide errors
+
+    def step(forward):
+        q.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_(True)
+        quantized, indices, codebook_loss, commit_loss = forward(xg)
+        ((quantized * weights).sum() + 3 * codebook_loss + 5 * commit_loss).backward()
+        grads = {n: p.grad.clone() for n, p in q.named_parameters()}
+        return (quantized, indices, codebook_loss, commit_loss), {**grads, "x": xg.grad}
+
+    def new(xg):
+        out = q(xg)
+        return out.quantized, out.indices, out.codebook_loss, out.commit_loss
+
+    def reference(xg):  # the formulation before the gather: index rows of the full codebook, W's graph over all K
+        z = q.project(xg)
+        codebook = q.codebook
+        indices = brute_force(z.detach().reshape(-1, 16), codebook).view(z.shape[:-1])
+        c = F.embedding(indices, codebook)
+        return q.proj_out(z + (c - z).detach()), indices, F.mse_loss(c, z.detach()), F.mse_loss(z, c.detach())
+
+    (out, grads), (ref, ref_grads) = step(new), step(reference)
+    assert torch.equal(out[1], ref[1])
+    for a, b in zip(out[:1] + out[2:], ref[:1] + ref[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)

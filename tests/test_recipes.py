@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from mllm.trainer import MLLMTrainConfig
+from mllm.train import MLLMTrainConfig
 from tests.recipe_matrix import MLLM_RECIPES, ROOT, STEPS, TOKENIZER_RECIPES, VARIANTS, recipe_names
 from vqrae.config import load_config, to_dict
 from vqrae.losses import LossConfig
-from vqrae.trainer import TokenizerTrainConfig
+from vqrae.train import TokenizerTrainConfig
 
 # what a matrix cell may change: sizes, sources, the GAN's start, logging cadence; everything else stays as shipped
 SIZE_FIELDS = {

@@ -15,9 +15,7 @@ import logging
 import os
 import random
 import re
-import runpy
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -32,79 +30,21 @@ import deepspeed
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file
 
-from tests.helpers import write_tiny_assets, write_vqrae
-from vqrae.training import Checkpointer, TrainingError
+from tests.conftest import DIST_ENV
+from tests.helpers import error_line, free_port, log_lines, run_script, write_images, write_tiny_assets, write_vqrae
+from vqrae.runtime import Checkpointer, TrainingError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tokenizer", "tiny_stage1.yaml")
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Fast tiny runs: no LPIPS (the random VGG trunk dominates a CPU step), no TensorBoard, a step per micro-batch.
 FAST = ["loss.perceptual_weight=0", "run.tensorboard=false", "run.image_every=0", "run.batch_size=4",
         "run.micro_batch_size=4", "run.log_every=1"]
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_images(folder: str, n: int, size: int = 40, seed: int = 0) -> None:
-    """``n`` RGB PNGs: a random background with a random ellipse."""
-    rng = random.Random(seed)
-    os.makedirs(folder, exist_ok=True)
-    for i in range(n):
-        img = Image.new("RGB", (size, size), tuple(rng.randint(0, 255) for _ in range(3)))
-        x, y = rng.randint(0, size // 2), rng.randint(0, size // 2)
-        fill = tuple(rng.randint(0, 255) for _ in range(3))
-        ImageDraw.Draw(img).ellipse([x, y, x + size // 3, y + size // 3], fill=fill)
-        img.save(os.path.join(folder, f"{i:03d}.png"))
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    """The environment the launcher gives one rank, for trainers run in this process; restored afterwards."""
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def run_script(name: str, argv: list[str]) -> int:
-    """``python scripts/<name> argv`` in this process (its ``__main__`` block runs); returns the exit code."""
-    saved_argv, saved_path = sys.argv, list(sys.path)
-    sys.argv = [name, *argv]
-    try:
-        runpy.run_path(os.path.join(ROOT, "scripts", name), run_name="__main__")
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv, sys.path[:] = saved_argv, saved_path
-    return 0
-
-
-def error_line(stderr: str) -> str:
-    """The one ``error:`` line a failed run must end stderr with; nothing like a traceback before it."""
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], stderr
-    return errors[0]
-
-
-def log_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "vqrae"]
 
 
 def trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -146,8 +86,8 @@ class LossSpy:
 
 @pytest.fixture
 def loss_spy(monkeypatch):
-    """Patch the trainer's loss and catch the engines (generator first, then discriminator)."""
-    import vqrae.trainer
+    """Patch the loss ``vqrae.train`` computes and catch the engines (generator first, then discriminator)."""
+    import vqrae.train
 
     engines: list = []
     real_initialize = deepspeed.initialize
@@ -160,8 +100,8 @@ def loss_spy(monkeypatch):
     monkeypatch.setattr(deepspeed, "initialize", initialize)
 
     def install(bad_calls) -> LossSpy:
-        spy = LossSpy(vqrae.trainer.generator_loss, bad_calls, engines)
-        monkeypatch.setattr(vqrae.trainer, "generator_loss", spy)
+        spy = LossSpy(vqrae.train.generator_loss, bad_calls, engines)
+        monkeypatch.setattr(vqrae.train, "generator_loss", spy)
         return spy
 
     return install
@@ -539,7 +479,7 @@ def test_unified_training_skips_rows_without_captions_images_or_answers(single_r
 
 # ----------------------------------------------------------------------------- safe loading
 
-PACKAGES = ("vqrae", "mllm", "scripts", "bench")
+PACKAGES = ("vqrae", "mllm", "demo", "scripts", "bench")
 
 
 def unsafe_calls(source: str, filename: str = "<string>") -> list[str]:
@@ -605,7 +545,7 @@ def test_cpu_training_builds_no_shared_memory_op(tmp_path):
     machine that op took ~30 s of every first run) and leaves DeepSpeed's op table as it found it."""
     code = (
         "import deepspeed, deepspeed.comm.comm as comm\n"
-        "from vqrae.training import SHM_OP, init_distributed\n"
+        "from vqrae.runtime import SHM_OP, init_distributed\n"
         "before = dict(deepspeed.ops.__compatible_ops__)\n"
         "rank, world, _ = init_distributed()\n"
         "print(rank, world, comm.cdb.shm_comm_op is None, dict(deepspeed.ops.__compatible_ops__) == before)\n"
@@ -624,7 +564,7 @@ def test_cpu_rank_uses_only_the_cores_it_may_run_on():
     experiments pinned side by side would otherwise each oversubscribe their core."""
     code = (
         "import os, torch\n"
-        "from vqrae.training import init_distributed\n"
+        "from vqrae.runtime import init_distributed\n"
         "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
         "init_distributed()\n"
         "print(torch.get_num_threads())\n"

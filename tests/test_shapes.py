@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from vqrae import shapes as S
+from demo import shapes as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

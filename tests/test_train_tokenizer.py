@@ -1,6 +1,5 @@
 """End-to-end: the real `deepspeed` launcher on 2 CPU ranks, stage 1 -> resume -> stage 2."""
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -9,38 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import deepspeed_run, logged, write_images
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
-
-
-def write_images(folder, n=48, size=40, seed=0):
-    import random
-
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    os.makedirs(folder, exist_ok=True)
-    for i in range(n):
-        img = Image.new("RGB", (size, size), tuple(rng.randint(0, 255) for _ in range(3)))
-        x, y = rng.randint(0, size // 2), rng.randint(0, size // 2)
-        ImageDraw.Draw(img).ellipse([x, y, x + size // 3, y + size // 3], fill=tuple(rng.randint(0, 255) for _ in range(3)))
-        img.save(os.path.join(folder, f"{i:03d}.png"))
-
-
-def deepspeed_run(script, config, *overrides, num_gpus=2, resume=None, check=True):
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(num_gpus),
-           "--master_port", str(29500 + os.getpid() % 2000), script, "--config", config, *overrides]
-    if resume:
-        cmd += ["--resume", resume]
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/vqrae_torch_ext"))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def losses(log: str, key: str) -> list[float]:
-    return [float(m) for m in re.findall(rf"{re.escape(key)}=([-\d.e+]+)", log)]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +28,7 @@ def test_two_stages_resume_reproduces_uninterrupted_run(images, tmp_path):
               "model.quantizer.init=kmeans", "quantizer_lr=5e-4"]
     proc = deepspeed_run("scripts/train_tokenizer.py", "configs/tokenizer/tiny_stage1.yaml", *common, f"run.output_dir={a}")
     assert "lr/quantizer=" in proc.stdout + proc.stderr
-    recon = losses(proc.stdout + proc.stderr, "loss/recon")
+    recon = logged(proc.stdout + proc.stderr, "loss/recon")
     assert len(recon) == 6 and recon[-1] < recon[0], recon
     assert os.path.isfile(os.path.join(a, "model", "model.safetensors"))
     assert os.listdir(os.path.join(a, "samples")) and os.listdir(os.path.join(a, "tb"))
@@ -81,7 +52,7 @@ def test_two_stages_resume_reproduces_uninterrupted_run(images, tmp_path):
                          f"init_from={os.path.join(a, 'model')}", f"run.output_dir={s2}", "run.steps=4",
                          "run.log_every=1")
     log = proc.stdout + proc.stderr
-    distill = losses(log, "loss/distill")
+    distill = logged(log, "loss/distill")
     assert distill[0] == 0.0 and distill[-1] > 0.0
     assert "lr/encoder=" in log
     w1 = load_file(os.path.join(a, "model", "model.safetensors"))
@@ -107,8 +78,8 @@ def test_bf16_on_two_ranks_with_zero2_trains_and_exports_a_loadable_fp32_model(i
                          "loss.perceptual_weight=0", "loss.gan_start_step=0", f"run.output_dir={out}")
     log = proc.stdout + proc.stderr
     assert "zero 2, bf16" in log
-    total = losses(log, "loss/loss")
-    assert len(total) == 3 and all(v == v for v in total) and losses(log, "loss/disc")
+    total = logged(log, "loss/loss")
+    assert len(total) == 3 and all(v == v for v in total) and logged(log, "loss/disc")
     model = VQRAE.from_pretrained(os.path.join(out, "model"))
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     images_in = torch.rand(2, 3, 32, 32) * 2 - 1

@@ -13,7 +13,7 @@ import yaml
 from mllm import LoraSettings, MLLMConfig, UnifiedModel
 from vqrae import VQRAE
 from vqrae.config import ConfigError
-from vqrae.shapes import write_imagefolder
+from demo.shapes import write_imagefolder
 from tests.helpers import write_llm, write_vqrae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,6 @@ a one-line message naming the valid keys.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Sequence, Type, TypeVar
 
@@ -102,7 +101,3 @@ def from_dict(schema_cls: Type[T], data: dict) -> T:
 def save_yaml(cfg: Any, path: str) -> None:
     with open(path, "w") as f:
         f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-
-
-def replace(cfg: T, **changes: Any) -> T:
-    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]

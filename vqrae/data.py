@@ -4,8 +4,8 @@
 shards (a path, glob or brace pattern ending in ``.tar``), or else a Hugging Face hub dataset id.
 
 Images stay undecoded in ``datasets`` (``Image(decode=False)``) and are decoded by ``load_image``, so a
-broken file becomes a counted skip instead of an exception. ``collate`` drops bad rows and returns every
-row's status in ``Batch.data_stats``: counters inside worker processes would never reach the trainer.
+broken file becomes a counted skip instead of an exception. ``collate_images`` drops bad rows and returns every
+row's status in ``ImageBatch.data_stats``: counters inside worker processes would never reach the trainer.
 
 The order per epoch comes from ``seed + epoch`` and crops/flips from ``(seed, epoch, row)``, so a resumed
 run sees exactly the batches of an uninterrupted one. Each batch carries ``sampler_state``, the position
@@ -214,7 +214,7 @@ class ImageRows(Dataset):
 
 
 @dataclass
-class Batch:
+class ImageBatch:
     pixels: torch.Tensor  # (B, 3, R, R) in [-1, 1]; B is 0 when every row drawn was bad
     index: torch.Tensor  # (B,) row numbers
     text: dict[str, list]  # text columns, aligned with pixels
@@ -224,15 +224,15 @@ class Batch:
     def __len__(self) -> int:
         return self.index.numel()
 
-    def pin_memory(self) -> "Batch":
-        return Batch(self.pixels.pin_memory(), self.index.pin_memory(), self.text, self.data_stats, self.sampler_state)
+    def pin_memory(self) -> "ImageBatch":
+        return ImageBatch(self.pixels.pin_memory(), self.index.pin_memory(), self.text, self.data_stats, self.sampler_state)
 
 
-def collate(items: list[dict]) -> Batch:
+def collate_images(items: list[dict]) -> ImageBatch:
     """Stack the good rows, drop the bad ones, count every row's status."""
     kept = [it for it in items if "pixels" in it]
     text_columns = [k for k in kept[0] if k not in _RESERVED] if kept else []
-    return Batch(
+    return ImageBatch(
         pixels=torch.stack([it["pixels"] for it in kept]) if kept else torch.empty(0, 3, 0, 0),
         index=torch.tensor([it["index"] for it in kept], dtype=torch.long),
         text={c: [it[c] for it in kept] for c in text_columns},
@@ -451,12 +451,12 @@ def build_dataloader(
     cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1, cache_dir: str | None = None,
     pin_memory: bool = False,
 ) -> tuple[DataLoader, ResumableSampler | StreamingRows]:
-    """DataLoader of ``Batch`` plus the object whose ``load_state_dict`` resumes it.
+    """DataLoader of ``ImageBatch`` plus the object whose ``load_state_dict`` resumes it.
 
     A map-style loader runs one epoch per iteration; a streaming one never ends.
     """
     rows = open_source(cfg, cache_dir)
-    common = dict(num_workers=cfg.num_workers, collate_fn=collate, pin_memory=pin_memory)
+    common = dict(num_workers=cfg.num_workers, collate_fn=collate_images, pin_memory=pin_memory)
     if isinstance(rows, datasets.IterableDataset):
         stream = StreamingRows(rows, cfg, rank, world_size, batch_size)
         return DataLoader(stream, batch_size=batch_size, **common), stream

@@ -7,6 +7,7 @@ normalisation and returns patch tokens (B, N, D) with class/register tokens remo
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -49,13 +50,13 @@ class VFMEncoder(nn.Module):
     """Patch-token encoder over a timm or Hugging Face ViT.
 
     Args:
-        cfg: encoder config; ``cfg.mean``/``cfg.std``/``cfg.hf_config`` are resolved in place so that saving the
-            config records everything needed to rebuild the architecture without the hub.
+        cfg: encoder config. ``self.cfg`` is a copy with ``mean``/``std``/``hf_config`` resolved, so that saving
+            it records everything needed to rebuild the architecture without the hub; ``cfg`` itself is left alone.
     """
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = copy.deepcopy(cfg)  # resolved below; the caller's config stays as it was
         if cfg.backend == "timm":
             self._build_timm(cfg)
         elif cfg.backend == "hf":

@@ -23,10 +23,10 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from .data import Batch, DataConfig, ImageRows, collate, open_source
+from .data import DataConfig, ImageBatch, ImageRows, collate_images, open_source
 from .losses import PerceptualLoss
 from .metrics import FIDMetric, ReconstructionMetrics
-from .trainer import match_size
+from .losses import match_size
 
 
 def eval_data_config(source: str, split: str, resolution: int, num_workers: int = 0) -> DataConfig:
@@ -44,7 +44,7 @@ def build_eval_loader(cfg: DataConfig, batch_size: int, limit: int | None = None
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
     return DataLoader(ImageRows(rows, cfg), batch_size=batch_size, shuffle=False, num_workers=cfg.num_workers,
-                      collate_fn=collate)
+                      collate_fn=collate_images)
 
 
 def _sync(device: torch.device) -> None:
@@ -55,7 +55,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    loader: Iterable[Batch | torch.Tensor],
+    loader: Iterable[ImageBatch | torch.Tensor],
     perceptual: PerceptualLoss | None = None,
     fid: FIDMetric | None = None,
     dtype: torch.dtype = torch.float32,
@@ -66,7 +66,7 @@ def evaluate(
     Args:
         model: a ``VQRAE`` (anything with ``image_size``, ``codebook_size`` and a forward returning
             ``reconstruction`` and ``indices``), already on its device.
-        loader: ``Batch`` objects (``build_eval_loader``) or plain (B, 3, H, W) tensors in [-1, 1].
+        loader: ``ImageBatch`` objects (``build_eval_loader``) or plain (B, 3, H, W) tensors in [-1, 1].
         perceptual: LPIPS module on the model's device; None leaves ``lpips`` out (None in the result).
         fid: Inception FID accumulator on the model's device; None leaves ``rfid`` out (None in the result).
         dtype: autocast dtype of the forward pass; float32 runs without autocast.
@@ -83,7 +83,7 @@ def evaluate(
     model.eval()
     try:
         for batch in loader:
-            if isinstance(batch, Batch):
+            if isinstance(batch, ImageBatch):
                 stats.update(batch.data_stats)
                 images = batch.pixels
             else:

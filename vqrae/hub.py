@@ -180,3 +180,20 @@ def prepare_upload(
     sources, metrics = read_run_info(run_dir) if run_dir else ([], None)
     write_model_card(folder, kind, config, metrics, repo_id=repo_id, data_sources=sources)
     return folder
+
+
+class PushToHub:
+    """``push_to_hub`` for a model class with ``save_pretrained``; ``HUB_KIND`` ("vqrae" or "mllm") picks its
+    model card."""
+
+    HUB_KIND = "model"
+
+    def push_to_hub(self, repo_id: str, revision: Optional[str] = None, private: Optional[bool] = None,
+                    commit_message: Optional[str] = None, run_dir: Optional[str] = None):
+        """Upload ``save_pretrained`` output plus a model card to hub repo ``repo_id`` (created if missing).
+
+        ``run_dir``: a training output directory (or the export in it) whose ``train_config.yaml`` data sources
+        and ``metrics.json`` go into the card. Returns the hub's ``CommitInfo``.
+        """
+        message = commit_message or f"Upload {self.HUB_KIND}"
+        return push_folder(self.save_pretrained, self.HUB_KIND, repo_id, revision, private, message, run_dir)

@@ -1,7 +1,7 @@
 """Training losses for the VQRAE tokenizer.
 
-Every function here returns an UNWEIGHTED term; the training step multiplies by the weights in
-``LossConfig`` and logs each term on its own. Stage 1 trains the quantizer and decoder against a frozen
+Every term function here returns an UNWEIGHTED term; ``generator_loss`` multiplies them by the weights in
+``LossConfig`` and also returns each term on its own for logging. Stage 1 trains the quantizer and decoder against a frozen
 encoder (reconstruction + perceptual + GAN + codebook/commit terms); stage 2 also unfreezes the encoder and
 adds the self-distillation term that keeps it close to its frozen copy (lambda_d).
 """
@@ -10,10 +10,14 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .model import VQRAEOutput
 
 
 @dataclass
@@ -163,3 +167,68 @@ def adaptive_weight(
 def gan_active(step: int, start_step: int) -> bool:
     """Whether the adversarial terms are on at ``step`` (they start at ``start_step``)."""
     return step >= start_step
+
+
+@dataclass
+class GeneratorLoss:
+    total: torch.Tensor  # weighted sum the optimizer sees
+    terms: Dict[str, torch.Tensor]  # unweighted terms, detached, for logging
+    gan_weight: torch.Tensor  # the adversarial weight applied this step (0 before gan_start_step), detached
+
+
+def match_size(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Reconstruction target at the decoder's output resolution."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
+
+
+def generator_loss(
+    out: "VQRAEOutput",
+    target: torch.Tensor,
+    cfg: LossConfig,
+    step: int,
+    perceptual: Optional[PerceptualLoss] = None,
+    discriminator: Optional[nn.Module] = None,
+    teacher_features: Optional[torch.Tensor] = None,
+    last_layer: Optional[torch.Tensor] = None,
+) -> GeneratorLoss:
+    """Weighted tokenizer loss from a forward pass; every term is also returned unweighted. Nothing here reads
+    a value back to the host.
+
+    Args:
+        out: the model's forward output.
+        target: images at the decoder resolution, in [-1, 1].
+        cfg: loss weights.
+        step: optimizer step (decides whether the GAN term is on).
+        perceptual: LPIPS module, or None when ``cfg.perceptual_weight`` is 0.
+        discriminator: the discriminator; its parameters receive no gradient from this loss.
+        teacher_features: E0(x) in stage 2, else None.
+        last_layer: decoder last-layer weight for the adaptive GAN weight (None: weight 1).
+    """
+    recon = out.reconstruction.float()
+    target = target.float()
+    terms = {"recon": reconstruction_loss(recon, target, cfg.recon), "codebook": out.codebook_loss, "commit": out.commit_loss}
+    total = cfg.recon_weight * terms["recon"] + cfg.codebook_weight * out.codebook_loss + cfg.commit_weight * out.commit_loss
+    if perceptual is not None and cfg.perceptual_weight > 0:
+        terms["perceptual"] = perceptual(recon, target)
+        total = total + cfg.perceptual_weight * terms["perceptual"]
+    if teacher_features is not None:
+        terms["distill"] = distillation_loss(out.features.float(), teacher_features.float())
+        total = total + cfg.distill_weight * terms["distill"]
+    applied = torch.zeros((), device=total.device)
+    if discriminator is not None and cfg.gan_weight > 0 and gan_active(step, cfg.gan_start_step):
+        discriminator.requires_grad_(False)  # the generator loss must not train the discriminator
+        g = generator_adv_loss(discriminator(recon.to(next(discriminator.parameters()).dtype)).float())
+        discriminator.requires_grad_(True)
+        terms["gan"] = g
+        scale = adaptive_weight(total, g, last_layer) if cfg.adaptive_gan_weight else torch.ones((), device=g.device)
+        applied = cfg.gan_weight * scale.float()
+        total = total + applied * g
+    return GeneratorLoss(total=total, terms={k: v.detach() for k, v in terms.items()}, gan_weight=applied.detach())
+
+
+def discriminator_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Hinge loss on real images vs detached reconstructions."""
+    dtype = next(discriminator.parameters()).dtype
+    return hinge_d_loss(discriminator(real.to(dtype)).float(), discriminator(fake.detach().to(dtype)).float())

@@ -12,6 +12,7 @@ import tempfile
 from collections import deque
 from typing import Callable
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
@@ -19,68 +20,88 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from .losses import PerceptualLoss
 
 
-def _usage_and_perplexity(hist: torch.Tensor) -> tuple[float, float]:
-    """Fraction of codes with a nonzero count, and exp(entropy) of the histogram (0.0 when empty)."""
-    total = hist.sum()
+def usage_stats(hist) -> tuple[float, float]:
+    """Fraction of codes with a nonzero count, and exp(entropy) of the histogram (0.0 when empty); ``hist`` is a
+    tensor (read back here) or a sequence of counts already on the host."""
+    counts = np.asarray(hist.tolist() if torch.is_tensor(hist) else hist, dtype=np.float64)
+    total = counts.sum()
     if total == 0:
         return 0.0, 0.0
-    p = hist[hist > 0].double() / total
-    return (hist > 0).sum().item() / hist.numel(), math.exp(-(p * p.log()).sum().item())
+    p = counts[counts > 0] / total
+    return float((counts > 0).sum()) / counts.size, math.exp(-float((p * np.log(p)).sum()))
 
 
 class CodebookUsage:
     """Code use over the last ``window`` training steps.
 
-    Each ``update`` records one step's code histogram (stored sparsely as codes and counts) and drops the
-    step that falls out of the window. In data-parallel training pass indices already gathered from every
-    rank, so each rank reports the same numbers.
+    Each ``add`` records one step's code histogram (K counts, on the tracker's device) and drops the step that
+    falls out of the window; nothing is read back to the host until ``usage``/``perplexity`` (or
+    ``histogram`` and ``usage_stats``). In data-parallel training add counts already summed over the ranks, so
+    each rank reports the same numbers.
 
     Args:
         codebook_size: K, the number of codes.
         window: number of most recent steps the statistics cover.
+        device: where the histograms live (the training device).
     """
 
-    def __init__(self, codebook_size: int, window: int):
+    def __init__(self, codebook_size: int, window: int, device: torch.device | str = "cpu"):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.codebook_size = codebook_size
         self.window = window
-        self._steps: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
-        self._hist = torch.zeros(codebook_size, dtype=torch.long)  # running sum of the steps in the window
+        self.device = torch.device(device)
+        self._steps: deque[torch.Tensor] = deque()
+        self._hist = torch.zeros(codebook_size, dtype=torch.long, device=self.device)  # sum over the window
+
+    def counts(self, indices: torch.Tensor) -> torch.Tensor:
+        """(K,) histogram of ``indices`` on the tracker's device, without reading anything back (unlike
+        ``bincount``, whose output size depends on the values)."""
+        flat = indices.detach().flatten().to(self.device, torch.long)
+        return torch.zeros(self.codebook_size, dtype=torch.long, device=self.device).index_add_(
+            0, flat, torch.ones_like(flat))
 
     def update(self, indices: torch.Tensor) -> None:
-        codes, counts = torch.unique(indices.detach().flatten(), return_counts=True)
-        codes, counts = codes.cpu(), counts.cpu()
-        if codes.numel() and (codes[0] < 0 or codes[-1] >= self.codebook_size):
-            raise ValueError(f"code indices must lie in [0, {self.codebook_size}), got [{codes[0].item()}, {codes[-1].item()}]")
-        self._push(codes.long(), counts.long())
+        """Record one step's code indices (checked to lie in [0, K))."""
+        flat = indices.detach().flatten()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.codebook_size):
+            raise ValueError(f"code indices must lie in [0, {self.codebook_size}), got [{int(flat.min())}, {int(flat.max())}]")
+        self.add(self.counts(flat))
 
-    def _push(self, codes: torch.Tensor, counts: torch.Tensor) -> None:
-        self._steps.append((codes, counts))
-        self._hist.index_add_(0, codes, counts)
+    def add(self, counts: torch.Tensor) -> None:
+        """Record one step's (K,) code counts."""
+        counts = counts.to(self.device, torch.long)
+        self._steps.append(counts)
+        self._hist += counts
         while len(self._steps) > self.window:
-            old_codes, old_counts = self._steps.popleft()
-            self._hist.index_add_(0, old_codes, -old_counts)
+            self._hist -= self._steps.popleft()
 
     def histogram(self) -> torch.Tensor:
-        """(K,) code counts over the window."""
+        """(K,) code counts over the window, on the tracker's device."""
         return self._hist.clone()
 
     def usage(self) -> float:
         """Fraction of the K codes used at least once in the window."""
-        return _usage_and_perplexity(self._hist)[0]
+        return usage_stats(self._hist)[0]
 
     def perplexity(self) -> float:
         """exp(entropy) of the window's code histogram: K for uniform use, 1 for a single code."""
-        return _usage_and_perplexity(self._hist)[1]
+        return usage_stats(self._hist)[1]
 
     def state_dict(self) -> dict:
-        steps = list(self._steps)
+        """The window as sparse (code, count) pairs per step, on the CPU."""
+        codes, counts, lengths = [], [], []
+        for step in self._steps:
+            step = step.cpu()
+            nz = step.nonzero().flatten()
+            codes.append(nz)
+            counts.append(step[nz])
+            lengths.append(nz.numel())
         return {
             "codebook_size": self.codebook_size,
-            "codes": torch.cat([c for c, _ in steps]) if steps else torch.zeros(0, dtype=torch.long),
-            "counts": torch.cat([n for _, n in steps]) if steps else torch.zeros(0, dtype=torch.long),
-            "lengths": torch.tensor([c.numel() for c, _ in steps], dtype=torch.long),
+            "codes": torch.cat(codes) if codes else torch.zeros(0, dtype=torch.long),
+            "counts": torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long),
+            "lengths": torch.tensor(lengths, dtype=torch.long),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -91,7 +112,9 @@ class CodebookUsage:
         self._hist.zero_()
         lengths = state["lengths"].tolist()
         for codes, counts in zip(state["codes"].split(lengths), state["counts"].split(lengths)):
-            self._push(codes.long().clone(), counts.long().clone())
+            step = torch.zeros(self.codebook_size, dtype=torch.long)
+            step[codes.long()] = counts.long()
+            self.add(step)
 
 
 def _to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +198,7 @@ class ReconstructionMetrics:
         if self.perceptual is not None:
             out["lpips"] = lpips_sum / count
         if self._hist is not None:
-            out["codebook_usage"], out["perplexity"] = _usage_and_perplexity(self._hist.cpu())
+            out["codebook_usage"], out["perplexity"] = usage_stats(self._hist)
         return out
 
 

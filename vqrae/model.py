@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 from .config import ConfigError, from_dict, to_dict
 from .decoder import DecoderConfig, build_decoder
 from .encoder import EncoderConfig, VFMEncoder
-from .hub import push_folder, resolve
+from .hub import PushToHub, resolve
 from .quantizer import QuantizerConfig, build_quantizer, check_finite_features
 from .untrusted import read_safetensors, refuse_pickled_weights
 
@@ -39,16 +40,18 @@ class VQRAEOutput:
     commit_loss: torch.Tensor
 
 
-class VQRAE(nn.Module):
+class VQRAE(nn.Module, PushToHub):
     """Args:
     cfg: model config. The encoder's pretrained weights are fetched as the config says; ``from_pretrained``
         instead rebuilds the architecture offline and loads the saved weights.
     """
 
+    HUB_KIND = "vqrae"  # the model card push_to_hub writes
+
     def __init__(self, cfg: VQRAEConfig):
         super().__init__()
-        self.cfg = cfg
         self.encoder = VFMEncoder(cfg.encoder)
+        self.cfg = cfg = dataclasses.replace(cfg, encoder=self.encoder.cfg)  # with the encoder's resolved settings
         enc = self.encoder
         self.quantizer = build_quantizer(cfg.quantizer, enc.dim)
         self.decoder = build_decoder(cfg.decoder, enc.dim, enc.grid_size, enc.depth, enc.dim, enc.num_heads)
@@ -164,17 +167,6 @@ class VQRAE(nn.Module):
             detail = " ".join(str(e).split())[:300]
             raise ConfigError(f"VQRAE weights '{file}' do not match {CONFIG_NAME}: {detail}") from None
         return model
-
-    def push_to_hub(
-        self, repo_id: str, revision: Optional[str] = None, private: Optional[bool] = None,
-        commit_message: str = "Upload VQRAE", run_dir: Optional[str] = None,
-    ):
-        """Upload ``save_pretrained`` output plus a model card to hub repo ``repo_id`` (created if missing).
-
-        ``run_dir``: a training output directory (or the export in it) whose ``train_config.yaml`` data source
-        and ``metrics.json`` go into the card. Returns the hub's ``CommitInfo``.
-        """
-        return push_folder(self.save_pretrained, "vqrae", repo_id, revision, private, commit_message, run_dir)
 
 
 # timm create_model arguments that read a file: a saved config rebuilds from model.safetensors alone.

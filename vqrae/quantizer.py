@@ -185,6 +185,11 @@ class SimVQ(nn.Module):
         """Effective codebook C = C' W^T, (K, e)."""
         return self.codebook_transform(self.base_codebook)
 
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes C[indices] (..., e) as W applied to the gathered base rows C'[indices]: equal to indexing
+        ``codebook`` up to fp32 rounding, at the cost of the rows asked for instead of all K."""
+        return self.codebook_transform(F.embedding(indices, self.base_codebook))
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder features (..., D) -> standardised and projected latents z (..., e)."""
         return self.proj_in((x - self.feature_mean) / self.feature_std)
@@ -205,9 +210,12 @@ class SimVQ(nn.Module):
         """x (B, N, D) continuous features -> straight-through quantized features and losses (all fp32)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             z = self.project(x.float())  # (B, N, e)
-            codebook = self.codebook  # (K, e)
-            indices = nearest_code(z.reshape(-1, z.shape[-1]).detach(), codebook.detach(), self.search_chunk, self.token_chunk)
-            q = F.embedding(indices, codebook).view_as(z)  # gathers through W, so the codebook term trains W
+            with torch.no_grad():  # the search needs every code, but no gradient through all K of them
+                codebook = self.codebook  # (K, e)
+            indices = nearest_code(z.reshape(-1, z.shape[-1]).detach(), codebook, self.search_chunk, self.token_chunk)
+            # The same codes, recomputed from the rows in use only: W's gradient then costs M e^2, not K e^2, and
+            # no (K, e) gradient buffer is made. The codebook term still trains W through them.
+            q = self.lookup(indices).view_as(z)  # (B, N, e)
             codebook_loss = F.mse_loss(q, z.detach())  # ||c - sg(z)||^2: gradient reaches W only
             commit_loss = F.mse_loss(z, q.detach())  # ||sg(c) - z||^2: gradient reaches the projection/encoder only
             q_st = z + (q - z).detach()  # straight-through estimator
@@ -223,7 +231,7 @@ class SimVQ(nn.Module):
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, N) indices -> (B, N, D) features, the exact inverse used to decode generated codes."""
         with torch.autocast(device_type=indices.device.type, enabled=False):
-            return self.proj_out(F.embedding(indices, self.codebook))
+            return self.proj_out(self.lookup(indices))
 
 
 class VectorQuantizer(SimVQ):
@@ -244,6 +252,9 @@ class VectorQuantizer(SimVQ):
     @property
     def codebook(self) -> torch.Tensor:
         return self.embedding
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        return F.embedding(indices, self.embedding)
 
     @torch.no_grad()
     def set_codebook(self, codes: torch.Tensor) -> None:

@@ -1,12 +1,13 @@
-"""Training infrastructure shared by the tokenizer and MLLM trainers.
+"""What the tokenizer and MLLM trainers share (``vqrae.train``, ``mllm.train``).
 
-DeepSpeed config from our dataclasses, optimizer parameter groups and schedules, EMA, crash-safe
-checkpoints (temp directory + manifest + rename, newest complete one wins on ``--resume auto``), RNG state,
-non-finite step guard, and rank-0 logging to console, TensorBoard and a progress bar.
+Run and optimizer configs, the DeepSpeed config built from them, one precision design, parameter groups and
+schedules, EMA, crash-safe self-verifying checkpoints (temp folder + manifest + rename; ``--resume auto`` takes
+the newest intact one), safe loading of DeepSpeed checkpoints, RNG state, one run per output folder, the
+non-finite step guard, rank-0 logging (console, TensorBoard, progress bar), and the few steps every run takes
+around its loop: ``session``, ``restore``, ``save_checkpoint``, ``EmptyBatches``, ``finish``.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -16,14 +17,12 @@ import pickle
 import random
 import re
 import shutil
-import sys
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional
-from unittest.mock import patch
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -92,17 +91,64 @@ def init_distributed() -> tuple[int, int, torch.device]:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-        # ranks on one host share its cores; oversubscribed threads make every rank slower
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // max(1, local)))  # the cores this process may use (taskset, cgroups)
+        if _default_threads():  # a user's OMP_NUM_THREADS or torch.set_num_threads wins
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+            torch.set_num_threads(cpu_threads(local))
     if not dist.is_initialized():
         # DeepSpeed's CPU shared-memory all-reduce op serves only inference_all_reduce (tensor-parallel
         # inference), never training; compiling it took ~30 s of every first run on a fresh machine
-        skip_shm = patch.dict(deepspeed.ops.__compatible_ops__, {SHM_OP: False}) if backend == "gloo" else nullcontext()
-        with skip_shm:
+        with _without_op(deepspeed.ops.__compatible_ops__, SHM_OP, backend == "gloo"):
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (taskset, cgroups)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _default_threads() -> bool:
+    """True when nobody chose the thread count: no OMP_NUM_THREADS and torch's count still its default (the
+    cores this process could use when torch started, or all of the machine's)."""
+    return "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() in (_usable_cores(), os.cpu_count())
+
+
+def _other_runnable() -> int:
+    """Processes other than this one running or ready to run right now (Linux ``/proc/loadavg``), else 0."""
+    try:
+        with open("/proc/loadavg") as f:
+            return max(0, int(f.read().split()[3].split("/")[0]) - 1)
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def cpu_threads(local_ranks: int, cores: Optional[int] = None, busy: Optional[int] = None) -> int:
+    """Threads per rank on a CPU: the usable cores that other running processes leave free, shared among the
+    ranks of this host (at least one).
+
+    OpenMP threads waiting for a core that another job holds spin: on 2 cores with one other job, 2 threads
+    per rank made a tiny tokenizer step 7-11x slower than 1 thread, for identical numbers.
+    """
+    cores = _usable_cores() if cores is None else cores
+    busy = _other_runnable() if busy is None else busy
+    return max(1, max(1, cores - busy) // max(1, local_ranks))
+
+
+@contextmanager
+def _without_op(table: dict, name: str, active: bool):
+    """``table[name] = False`` inside the block (when ``active``), the table as it was afterwards."""
+    if not active:
+        yield
+        return
+    had, old = name in table, table.get(name)
+    table[name] = False
+    try:
+        yield
+    finally:
+        if had:
+            table[name] = old
+        else:
+            table.pop(name, None)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -176,6 +222,8 @@ def autocast(precision: str, device: torch.device):
 
 
 def deepspeed_config(run: RunConfig, optim: OptimConfig, world_size: int) -> Dict[str, Any]:
+    """DeepSpeed's config for ``run``, with ``run.deepspeed_config`` merged over it; its ZeRO stage (which that
+    file may set) is ``cfg["zero_optimization"]["stage"]``. ``run`` itself is left as it is."""
     check_run_config(run, optim, world_size)
     per_step = run.micro_batch_size * world_size
     cfg: Dict[str, Any] = {
@@ -203,9 +251,9 @@ def deepspeed_config(run: RunConfig, optim: OptimConfig, world_size: int) -> Dic
             if key in extra:
                 raise TrainingError(f"run.deepspeed_config {run.deepspeed_config} sets '{key}'; set run.precision "
                                     "(bf16 or fp32) instead")
-        run.zero_stage = cfg["zero_optimization"].get("stage", run.zero_stage)
-        if run.zero_stage not in (0, 1, 2, 3):
-            raise TrainingError(f"zero_optimization.stage in {run.deepspeed_config} must be 0-3, got {run.zero_stage}")
+        stage = cfg["zero_optimization"].get("stage", run.zero_stage)
+        if stage not in (0, 1, 2, 3):
+            raise TrainingError(f"zero_optimization.stage in {run.deepspeed_config} must be 0-3, got {stage}")
     return cfg
 
 
@@ -683,7 +731,7 @@ class NonFiniteGuard:
 
     def check(self, loss: torch.Tensor, step: int, last_checkpoint: Optional[str]) -> bool:
         """True when the step may proceed; raises TrainingError after too many in a row."""
-        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+        bad = (~torch.isfinite(loss.detach())).any().float().view(1)  # on the device: one read below
         if all_reduce_sum(bad).item() == 0:
             self.consecutive = 0
             return True
@@ -761,39 +809,8 @@ class RunLogger:
             self.writer.close()
 
 
-# -- command line -------------------------------------------------------------------------------------------
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one ``ConfigError`` line instead of the whole usage block."""
-
-    def error(self, message: str):
-        from .config import ConfigError
-
-        raise ConfigError(message)
-
-
-def training_args(description: str, default_config: str, argv=None) -> argparse.Namespace:
-    """The trainers' shared command line: ``--config``, ``--resume``, dotted overrides, the launcher's rank."""
-    p = OneLineParser(description=description)
-    p.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
-    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint, if any) or a checkpoint dir")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. run.steps=100 optim.lr=1e-4")
-    return p.parse_args(argv)
-
-
 def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0]
-
-
-def run_cli(main) -> None:
-    """Run a script's ``main``; every user-fixable failure is one ``error:`` line on stderr and exit code 2."""
-    from .config import ConfigError
-
-    try:
-        main()
-    except (ConfigError, TrainingError, FileNotFoundError) as e:
-        print(f"error: {first_line(e)}", file=sys.stderr)
-        sys.exit(2)
 
 
 def publish(checkpoint: str, export_dir: str) -> None:
@@ -805,10 +822,137 @@ def publish(checkpoint: str, export_dir: str) -> None:
     os.replace(tmp, export_dir)
 
 
-def grad_norm_before_step(engine) -> Optional[float]:
+def grad_norm_before_step(engine) -> Optional[torch.Tensor]:
     """DeepSpeed records the global grad norm in ``get_global_grad_norm`` except for fp32 without ZeRO, where
-    it clips without keeping the value; there, measure it at the accumulation boundary before ``step``."""
+    it clips without keeping the value; there, measure it at the accumulation boundary before ``step`` (a
+    device tensor: nothing waits for it until it is logged)."""
     if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or not engine.is_gradient_accumulation_boundary():
         return None
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    return torch.nn.utils.get_total_norm(grads).detach() if grads else torch.zeros(())
+
+
+# -- the run: what both trainers do around their loops ------------------------------------------------------
+@dataclass
+class Session:
+    """A started run: this process's place in the process group and the checkpoint it resumes from."""
+
+    rank: int
+    world: int
+    device: torch.device
+    ckpt: Checkpointer
+    resume_dir: Optional[str]  # None: a fresh run
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@contextmanager
+def session(run: RunConfig, resume: Optional[str]):
+    """Join the process group, seed every rank alike (identical initialisation), take ``run.output_dir``'s lock
+    (released on leaving, also on errors; a killed run's lock is taken over as stale) and resolve ``resume``
+    (``None``, ``"auto"`` or a checkpoint folder)."""
+    rank, world, device = init_distributed()
+    seed_everything(run.seed)
+    os.makedirs(run.output_dir, exist_ok=True)
+    take_run_lock(run.output_dir, rank)
+    try:
+        ckpt = Checkpointer(run.output_dir, run.keep_last, rank)
+        yield Session(rank, world, device, ckpt, ckpt.resolve(resume))
+    finally:
+        release_run_lock(run.output_dir)
+
+
+def restore(s: Session, seed: int) -> Optional[dict]:
+    """The trainer state (``trainer.pt``) of the checkpoint ``s`` resumes from, with this rank's RNG restored;
+    for a fresh run None, with the RNG seeded per rank (data augmentation, dropout)."""
+    if not s.resume_dir:
+        seed_everything(seed + s.rank)
+        return None
+    state = safe_load(os.path.join(s.resume_dir, "trainer.pt"))  # tensors and plain data only: never code
+    set_rng_state(safe_load(os.path.join(s.resume_dir, f"rng_rank{s.rank}.pt")))
+    return state
+
+
+def save_checkpoint(s: Session, step: int, last: Optional[str], write: Callable[[str], None]) -> str:
+    """One checkpoint of ``step``: ``write(folder)`` stores the engines and (rank 0) the trainer state, this
+    function the RNG, then the manifest is committed. A failed write (full disk, lost mount) leaves the earlier
+    checkpoints as they were and is a one-line ``TrainingError`` naming ``last``, the newest complete one."""
+    try:
+        tmp = s.ckpt.tmp_dir(step)
+        write(tmp)
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{s.rank}.pt"))
+        return s.ckpt.commit(tmp, step)
+    except SAVE_ERRORS as e:
+        raise save_failed(e, s.ckpt, step, last) from None
+
+
+def gather(obj: Any) -> List[Any]:
+    """Every rank's ``obj``, in rank order (a collective)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+class EmptyBatches:
+    """Micro-batches whose rows were all unreadable are skipped by every rank together (or collectives desync);
+    ``limit`` of them in a row stop the run, since a source without a usable row would loop forever.
+
+    The agreement is a collective on the host (over the CPU process group), never a device sync; a lone rank
+    needs none.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.run = limit, 0
+
+    def skip(self, rows: int, error: Callable[[int], str]) -> bool:
+        """True when this micro-batch (``rows`` usable rows here) is empty on some rank; at the limit a
+        ``TrainingError`` with the message ``error(empty micro-batches in a row)``."""
+        if not host_any(rows == 0):
+            self.run = 0
+            return False
+        self.run += 1
+        if self.run >= self.limit:
+            raise TrainingError(error(self.run))
+        return True
+
+
+_HOST_GROUP: Any = None
+
+
+def host_any(flag: bool) -> bool:
+    """True on every rank when ``flag`` holds on some rank: a gloo all-reduce of a host value, so nothing waits
+    for the accelerator."""
+    global _HOST_GROUP
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    if dist.get_backend() == "gloo":
+        group = None
+    else:  # NCCL reduces device tensors only: a CPU group beside it, made once
+        if _HOST_GROUP is None:
+            _HOST_GROUP = dist.new_group(backend="gloo")
+        group = _HOST_GROUP
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.numpy()[0])
+
+
+def due(step: int, every: int, total: int) -> bool:
+    """Whether a periodic action (log, save, image) falls on ``step``: every ``every`` steps and at the end."""
+    return step == total or (every > 0 and step % every == 0)
+
+
+def finish(s: Session, run: RunConfig, step: int, last: Optional[str], logger: "RunLogger", summary: str) -> Optional[str]:
+    """Rank 0 publishes the newest checkpoint's model as ``<output_dir>/model`` and logs ``summary``; returns
+    the export folder (None on other ranks or without a checkpoint)."""
+    export_dir = None
+    if s.main and last:
+        export_dir = os.path.join(run.output_dir, "model")
+        publish(last, export_dir)
+        logger.info(summary)
+        logger.info(f"done: {step} steps; model exported to {export_dir}")
+    logger.close()
+    return export_dir

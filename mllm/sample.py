@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,36 +30,12 @@ from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
+from .vocab import ImageVocab
+
 # transformers 5 names the forward argument of the KV cache `cache`; earlier releases `past_key_values`.
 _CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-
-
-@dataclass(frozen=True)
-class ImageTokenSpec:
-    """Where an image's tokens live in the extended vocabulary.
-
-    An image is ``<boi>`` + ``num_tokens`` code tokens + ``<eoi>``; code index i (0..K-1) is token id
-    ``code_offset + i``.
-
-    Args:
-        boi_id: token id that opens an image.
-        eoi_id: token id that closes an image.
-        code_offset: token id of code 0; codes occupy ``[code_offset, code_offset + codebook_size)``.
-        codebook_size: K, the number of image codes.
-        num_tokens: code tokens per image (H * W of the token grid).
-    """
-
-    boi_id: int
-    eoi_id: int
-    code_offset: int
-    codebook_size: int
-    num_tokens: int
-
-    def __post_init__(self) -> None:
-        if self.codebook_size <= 0 or self.num_tokens <= 0 or self.code_offset < 0:
-            raise ValueError(
-                f"ImageTokenSpec needs codebook_size > 0, num_tokens > 0 and code_offset >= 0, got {self}"
-            )
+# On a CPU a dynamic cache beat the static one at 2 rows (one prompt with guidance: 1.14x) and lost at 32 (0.85x)
+DYNAMIC_ROWS_CPU = 4
 
 
 @dataclass
@@ -134,7 +110,8 @@ def new_cache(lm: PreTrainedModel, batch: int, max_len: int, *, static: bool = T
 def generate_image_codes(
     lm: PreTrainedModel,
     prompt_ids: list[list[int]],
-    spec: ImageTokenSpec,
+    vocab: ImageVocab,
+    num_tokens: int,
     sampling: SamplingConfig,
     *,
     uncond_ids: list[list[int]] | None = None,
@@ -144,7 +121,7 @@ def generate_image_codes(
     compile_step: bool = False,
     positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sample ``spec.num_tokens`` image codes for each prompt; returns code indices (B, num_tokens) in [0, K).
+    """Sample ``num_tokens`` image codes for each prompt; returns code indices (B, num_tokens) in [0, K).
 
     Each prompt ends right before the image; ``<boi>`` is appended here. Prompts may differ in length: rows
     are left-padded with ``pad_id`` under an attention mask and per-row positions, so a prompt gives the
@@ -153,22 +130,24 @@ def generate_image_codes(
     Args:
         lm: causal LM whose vocabulary holds the image tokens, possibly PEFT-wrapped (call ``lm.eval()`` first).
         prompt_ids: B token-id lists (the conditions).
-        spec: image token layout.
+        vocab: the image tokens' ids in the extended vocabulary.
+        num_tokens: code tokens per image (H * W of the token grid).
         sampling: temperature / top-k / top-p / guidance scale / seed.
         uncond_ids: unconditional prompts for guidance, B lists or one list shared by all rows. Required
             unless ``sampling.cfg_scale == 1``; when None only the B conditional rows run.
         pad_id: token id used for left padding (masked out, never attended to).
         generator: RNG on the model's device; default: one seeded with ``sampling.seed``, else torch's global RNG.
         cache: KV cache to fill, e.g. ``new_cache(lm, 2 * B, max_prompt_len + num_tokens, static=True)``
-            reused across calls; it is reset first. Default: a static cache sized for this call.
+            reused across calls; it is reset first. Default: sized for this call; static, except dynamic for at
+            most ``DYNAMIC_ROWS_CPU`` rows on a CPU, where that measured faster (docs/benchmarks.md).
         compile_step: on CUDA, run each one-token step through ``torch.compile`` with CUDA graphs; needs a
             static cache (the default). Ignored on other devices.
         positions: (num_tokens, H) embeddings of the image-token indices (``UnifiedModel.image_positions``):
             row t is added to the input embedding of code t when it is fed back. None: codes go in as ids.
     """
     batch = len(prompt_ids)
-    if positions is not None and positions.shape[0] != spec.num_tokens:
-        raise ValueError(f"positions must hold one row per image token ({spec.num_tokens}), got {tuple(positions.shape)}")
+    if positions is not None and positions.shape[0] != num_tokens:
+        raise ValueError(f"positions must hold one row per image token ({num_tokens}), got {tuple(positions.shape)}")
     if batch == 0:
         raise ValueError("prompt_ids is empty: pass at least one prompt")
     guided = uncond_ids is not None
@@ -176,17 +155,17 @@ def generate_image_codes(
         if len(uncond_ids) not in (1, batch):
             raise ValueError(f"uncond_ids must hold 1 or {batch} prompts (one per prompt), got {len(uncond_ids)}")
         uncond = list(uncond_ids) * batch if len(uncond_ids) == 1 else list(uncond_ids)
-        rows = [list(p) + [spec.boi_id] for p in list(prompt_ids) + uncond]
+        rows = [list(p) + [vocab.boi_id] for p in list(prompt_ids) + uncond]
     elif sampling.cfg_scale != 1:
         raise ValueError(f"cfg_scale={sampling.cfg_scale} needs uncond_ids; pass them or set cfg_scale=1")
     else:
-        rows = [list(p) + [spec.boi_id] for p in prompt_ids]
+        rows = [list(p) + [vocab.boi_id] for p in prompt_ids]
 
-    n = spec.num_tokens
+    n = num_tokens
     device = lm.device
     ids, mask = _left_pad(rows, pad_id, device)
-    lo = spec.code_offset
-    run = _Decoder(lm, {"input_ids": ids}, mask, n - 1, cache, compile_step, vocab=(lo, lo + spec.codebook_size))
+    lo = vocab.code_offset
+    run = _Decoder(lm, {"input_ids": ids}, mask, n - 1, cache, compile_step, vocab=(lo, lo + vocab.codebook_size))
     generator = _generator(sampling, generator, device)
 
     code_logits = run.prefill()  # (rows, K): the only tokens an image may contain
@@ -237,7 +216,7 @@ def generate_text(
         sampling: temperature / top-k / top-p / seed.
         eos_id: id (or ids) that end an answer; None runs to ``max_new_tokens``.
         generator: RNG on the model's device; default: one seeded with ``sampling.seed``, else torch's global RNG.
-        cache: KV cache to fill (reset first); default: a static cache sized for this call.
+        cache: KV cache to fill (reset first); default: as ``generate_image_codes`` chooses.
         compile_step: on CUDA, compile the one-token step over a static cache (see ``generate_image_codes``).
     """
     if (input_ids is None) == (inputs_embeds is None):
@@ -328,8 +307,8 @@ class _Decoder:
         self.head, self.body = _separable_head(lm, vocab[1], prompt) if vocab is not None else (None, lm)
 
         use_compile = compile_step and device.type == "cuda"
-        if cache is None:
-            cache = new_cache(lm, rows, total, static=True)
+        if cache is None:  # on a CPU a dynamic cache measured faster for a few rows, a static one for many
+            cache = new_cache(lm, rows, total, static=device.type != "cpu" or use_compile or rows > DYNAMIC_ROWS_CPU)
         else:
             _check_cache(cache, rows, total)
             cache.reset()
@@ -400,24 +379,44 @@ def _compiled_forward():
 @torch.no_grad()
 def _separable_head(lm: nn.Module, hi: int, prompt: dict[str, torch.Tensor]) -> tuple[nn.Linear | None, nn.Module]:
     """(output layer, base model) when the LM's logits are exactly that linear layer applied to the base
-    model's last hidden state, so any range of output rows can be computed alone; else (None, lm).
-
-    The check runs the first prompt position both ways. Models that rescale or soft-cap their logits, or
-    whose output layer is wrapped (e.g. PEFT trainable token rows), fail it and keep the full-logit path.
-    A PEFT model is looked through to the transformers model it adapts in place.
-    """
-    inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # PEFT wrappers
-    head, body = inner.get_output_embeddings(), inner.base_model
-    if not isinstance(head, nn.Linear) or body is inner:
+    model's last hidden state (``split_output_layer``), so any range of output rows can be computed alone;
+    else (None, lm). A wrapped output layer (e.g. PEFT trainable token rows) keeps the full-logit path."""
+    like = next(iter(prompt.values()))
+    split = split_output_layer(lm, like if like.is_floating_point() else lm.get_input_embeddings().weight)
+    if split is None or not isinstance(split[1], nn.Linear):
         return None, lm
+    body, head = split
     if head.out_features < hi:
         raise ValueError(f"image codes end at id {hi} but the LM head has only {head.out_features} outputs")
-    probe = {k: v[:1, :1] for k, v in prompt.items()}
-    full = lm(**probe, use_cache=False).logits
-    hidden = getattr(body(**probe, use_cache=False), "last_hidden_state", None)
-    if hidden is None or not torch.equal(head(hidden), full):
-        return None, lm
     return head, body
+
+
+@torch.no_grad()
+def split_output_layer(llm: nn.Module, like: torch.Tensor) -> Optional[tuple[nn.Module, nn.Module]]:
+    """(base model, output layer) when ``llm``'s logits are exactly its output layer applied to its base model's
+    last hidden state, so that layer may run on chosen positions alone; None for models that rescale or soft-cap
+    their logits.
+
+    Checked on one seeded random input embedding (dtype and device of ``like``), not on a batch's own: a zero
+    padding row gives zero logits, which no soft cap changes. Eval mode keeps dropout (LoRA's) from making the
+    two differ. A PEFT model is looked through to the transformers model it adapts in place; its wrapped output
+    layer (trainable image-token rows) is called as the LLM calls it.
+    """
+    inner = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    head, body = inner.get_output_embeddings(), inner.base_model
+    if head is None or body is inner:
+        return None
+    width = llm.get_input_embeddings().weight.shape[-1]
+    probe = torch.randn(1, 1, width, generator=torch.Generator().manual_seed(0)).to(like)
+    training = llm.training
+    llm.eval()
+    try:
+        full = llm(inputs_embeds=probe, use_cache=False).logits
+        hidden = getattr(body(inputs_embeds=probe, use_cache=False), "last_hidden_state", None)
+        same = hidden is not None and torch.equal(head(hidden), full)
+    finally:
+        llm.train(training)
+    return (body, head) if same else None
 
 
 def _check_cache(cache: Cache, rows: int, total: int) -> None:

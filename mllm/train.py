@@ -1,0 +1,310 @@
+"""Training the unified model: ``train(cfg, resume)`` runs the whole DeepSpeed loop.
+
+Each micro-batch trains one task (``mllm.tasks``): generation (caption -> image codes, loss on the visual
+tokens) or understanding (image features + question -> answer). Stages chain through ``init_from``: projector
+alignment (``model.freeze_llm``), then full or LoRA fine-tuning from its export.
+
+The VQRAE is frozen and only encodes images. It is kept out of the module tree (``unregister_vqrae``), so
+DeepSpeed never casts, partitions, broadcasts or checkpoints it; ``place_vqrae`` puts the parts that encode
+on the device. Generation codes are computed on the fly, or once per data set (``mllm.codes``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from vqrae import VQRAE
+from vqrae.config import ConfigError, save_yaml
+from vqrae.model import CONFIG_NAME as VQRAE_CONFIG, WEIGHTS_NAME as VQRAE_WEIGHTS
+from vqrae.runtime import (
+    COMPUTE_DTYPES, EmptyBatches, NonFiniteGuard, OptimConfig, RunConfig, RunLogger, TrainingError, autocast, barrier,
+    check_run_config, deepspeed_config, due, finish, first_line, gather, grad_norm_before_step,
+    load_engine_checkpoint, make_optimizer, make_scheduler, param_groups, restore, save_checkpoint, session,
+)
+
+from .codes import CODES_MANIFEST, place_vqrae
+from .data import Batch, insert_codes
+from .model import CONFIG_NAME, MLLMConfig, UnifiedModel, UnifiedOutput
+from .tasks import MLLMDataConfig, TaskMetrics, TaskSchedule, make_loaders
+
+
+@dataclass
+class MLLMTrainConfig:
+    init_from: Optional[str] = None  # UnifiedModel export of an earlier stage (e.g. <projector pretraining>/model)
+    # llm and vqrae may stay empty with init_from; model.dtype always follows run.precision
+    model: MLLMConfig = field(default_factory=lambda: MLLMConfig(llm="", vqrae=""))
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=2e-5, schedule="cosine", min_lr_ratio=0.0, warmup_steps=100,
+                                            weight_decay=0.0)
+    )
+    data: MLLMDataConfig = field(default_factory=MLLMDataConfig)
+    run: RunConfig = field(
+        default_factory=lambda: RunConfig(output_dir="outputs/mllm", batch_size=128, micro_batch_size=4, ema_decay=0.0,
+                                          image_every=0)
+    )
+
+
+def check_config(cfg: MLLMTrainConfig, world_size: int = 1) -> None:
+    """Raise ``ConfigError`` (one line) for settings that cannot train, before anything is loaded."""
+    data, model = cfg.data, cfg.model
+    if not 0.0 <= data.task_ratio <= 1.0:
+        raise ConfigError(f"data.task_ratio must lie in [0, 1], got {data.task_ratio}")
+    if data.task_ratio > 0 and not data.generation.source:
+        raise ConfigError(f"data.task_ratio={data.task_ratio} needs data.generation.source (image-caption rows)")
+    if data.task_ratio < 1 and not data.understanding.source:
+        raise ConfigError(f"data.task_ratio={data.task_ratio} needs data.understanding.source (conversations)")
+    if model.freeze_llm and model.lora.enabled:
+        raise ConfigError("model.freeze_llm and model.lora.enabled contradict each other: pick one")
+    if model.freeze_llm and data.task_ratio > 0:
+        raise ConfigError("model.freeze_llm trains only the projector, which generation never uses: set data.task_ratio=0")
+    if cfg.run.ema_decay > 0:
+        raise ConfigError("run.ema_decay: the unified-model trainer keeps no EMA; set it to 0")
+    if cfg.init_from:
+        if not os.path.isfile(os.path.join(cfg.init_from, CONFIG_NAME)):
+            raise ConfigError(
+                f"init_from '{cfg.init_from}' is not a unified model export (no {CONFIG_NAME}); run the earlier "
+                "stage first (e.g. configs/mllm/llava15_pretrain.yaml)"
+            )
+    else:
+        for name in ("llm", "vqrae"):
+            if not getattr(model, name):
+                raise ConfigError(f"model.{name} is not set (or give init_from, an earlier stage's export)")
+    if data.generation.codes_from and not os.path.isfile(os.path.join(data.generation.codes_from, CODES_MANIFEST)):
+        raise ConfigError(
+            f"data.generation.codes_from '{data.generation.codes_from}' holds no {CODES_MANIFEST}; write it with "
+            "scripts/tokenize_dataset.py"
+        )
+    check_run_config(cfg.run, cfg.optim, world_size)
+
+
+def build_model(cfg: MLLMTrainConfig) -> tuple[UnifiedModel, str]:
+    """The model to train and the directory of its VQRAE checkpoint.
+
+    A new model comes from ``cfg.model``. With ``cfg.init_from``, the LLM, extended tokenizer, VQRAE and
+    projector come from that export (a LoRA export is merged first) and ``cfg.model`` decides how they train
+    (freezing, LoRA, gradient checkpointing). The LLM trains in fp32 master weights whatever ``run.precision``
+    (bf16 is autocast, ``vqrae.runtime``); the saved config records the run's compute dtype, in which
+    inference loads the LLM on an accelerator.
+    """
+    if cfg.run.precision not in COMPUTE_DTYPES:
+        raise ConfigError(f"run.precision must be one of {', '.join(COMPUTE_DTYPES)}, got '{cfg.run.precision}'")
+    dtype = str(COMPUTE_DTYPES[cfg.run.precision]).removeprefix("torch.")  # the name MLLMConfig.dtype takes
+    model_cfg = dataclasses.replace(cfg.model, dtype="float32")
+    if not cfg.init_from:
+        model = UnifiedModel.build(model_cfg)
+        model.cfg = dataclasses.replace(model.cfg, dtype=dtype)
+        return model, model_cfg.vqrae
+    # Trust is this run's decision (model.trust_remote_code), not the export's.
+    base = UnifiedModel.from_pretrained(cfg.init_from, trust_remote_code=cfg.model.trust_remote_code)
+    if base.cfg.lora.enabled:
+        base.merge_lora()
+    # An earlier stage may have frozen the LLM; this stage's config decides again.
+    llm = base.llm.requires_grad_(True).to(torch.float32)
+    model_cfg = dataclasses.replace(
+        model_cfg, dtype=dtype, llm=base.cfg.llm, vqrae=base.cfg.vqrae, gguf_file=None,  # the export holds safetensors
+        projector=base.cfg.projector,
+    )
+    positions = base.image_position_table() if model_cfg.image_positions else None  # None: a fresh zero table
+    model = UnifiedModel(model_cfg, llm, base.tokenizer, base.vqrae, base.projector, image_positions=positions)
+    return model, os.path.join(cfg.init_from, "vqrae")
+
+
+def unregister_vqrae(model: UnifiedModel) -> VQRAE:
+    """Keep ``model.vqrae`` usable but outside the module tree: it leaves ``parameters()``, ``state_dict()``,
+    ``.to()`` and therefore everything DeepSpeed does to the module (casts, ZeRO partitions, checkpoints)."""
+    vqrae = model._modules.pop("vqrae", None)
+    if vqrae is None:
+        return model.vqrae
+    object.__setattr__(model, "vqrae", vqrae)
+    return vqrae
+
+
+def export_model(model: UnifiedModel, path: str, vqrae_dir: str, zero3: bool = False, rank: int = 0) -> None:
+    """``model.save_pretrained(path)`` with the VQRAE copied from ``vqrae_dir``, whose weights are the source
+    of truth (the trained copy may have been cast to the compute dtype). Under ZeRO-3 every rank must call
+    this: the partitioned parameters are gathered, then rank 0 writes."""
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            if rank == 0:
+                _export(model, path, vqrae_dir)
+    elif rank == 0:
+        _export(model, path, vqrae_dir)
+
+
+def _export(model: UnifiedModel, path: str, vqrae_dir: str) -> None:
+    model.save_pretrained(path)
+    target = os.path.join(path, "vqrae")
+    shutil.rmtree(target)
+    os.makedirs(target)
+    for name in (VQRAE_CONFIG, VQRAE_WEIGHTS):
+        shutil.copy2(os.path.join(vqrae_dir, name), os.path.join(target, name))
+
+
+def prepare_batch(model: UnifiedModel, batch: Batch, device: torch.device, precision: str = "fp32") -> Batch:
+    """Move a micro-batch to ``device`` once and write the codes of its images to generate into it (encoded in
+    ``precision``, as ``write_codes`` does for pre-computed codes)."""
+    batch = batch.to(device)
+    if batch.code_images is None:
+        return batch
+    with torch.inference_mode(), autocast(precision, device):
+        code_ids = model.tokenize_images(batch.code_images)
+    return insert_codes(batch, code_ids)
+
+
+@dataclass
+class MicroStep:
+    task: str
+    out: "UnifiedOutput"
+    tokens: int  # non-padding input tokens on this rank
+    boundary: bool  # this micro-step ended an optimizer step (gradient accumulation)
+    grad_norm: Optional[torch.Tensor]  # at a boundary without ZeRO in fp32, where DeepSpeed keeps none
+
+
+def train_step(engine, model: UnifiedModel, task: str, batch: Batch, device: torch.device, precision: str,
+               guard: NonFiniteGuard, step: int, last_ckpt: Optional[str] = None) -> Optional[MicroStep]:
+    """One micro-batch of ``task``: tokenize its images, forward, backward and (at an accumulation boundary)
+    the optimizer step. None when the loss is not finite on some rank: every rank skips it (``guard``)."""
+    tokens = int(batch.attention_mask.sum())  # a host tensor: no device sync
+    batch = prepare_batch(model, batch, device, precision)
+    out = engine(**batch.model_inputs())
+    if not guard.check(out.loss, step, last_ckpt):
+        return None
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.backward(out.loss)
+    grad_norm = grad_norm_before_step(engine)
+    engine.step()
+    return MicroStep(task, out, tokens, boundary, grad_norm)
+
+
+def trainable_groups(model: UnifiedModel, cfg: MLLMTrainConfig) -> list:
+    """AdamW groups of what this stage trains: the LLM (or its LoRA weights), the projector unless only
+    generation trains, and the image position table unless only understanding trains."""
+    optim, data = cfg.optim, cfg.data
+    if data.task_ratio == 1.0:
+        model.projector.requires_grad_(False)  # never used by generation: keep it out of the optimizer
+    if data.task_ratio == 0.0 and model.image_positions is not None:
+        model.image_positions.requires_grad_(False)  # only code tokens use it: never trained by understanding
+    groups = param_groups(model.llm.named_parameters(), optim.lr, optim.weight_decay, "llm")
+    groups += param_groups(model.projector.named_parameters(), optim.lr, optim.weight_decay, "projector")
+    if model.image_positions is not None:  # named like a pos_embed, so param_groups never decays it
+        groups += param_groups([("pos_embed", model.image_positions.weight)], optim.lr, optim.weight_decay,
+                               "image_positions")
+    if not groups:
+        raise TrainingError("nothing to train: every parameter is frozen")
+    return groups
+
+
+def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
+    """Train the unified model ``cfg`` describes (``resume``: None, "auto" or a checkpoint folder) under the
+    process group the ``deepspeed`` launcher describes, or alone. Returns the export folder on rank 0."""
+    import deepspeed
+
+    check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # the launcher exports WORLD_SIZE to every rank
+    run, optim, data = cfg.run, cfg.optim, cfg.data
+    with session(run, resume) as s:
+        device = s.device
+        ds_cfg = deepspeed_config(run, optim, s.world)
+        zero_stage = ds_cfg["zero_optimization"]["stage"]
+
+        # -- model: the VQRAE stays outside the engine ------------------------------------------------------------
+        try:
+            model, vqrae_dir = build_model(cfg)
+        except ConfigError:  # already one line naming the setting to change
+            raise
+        except (OSError, ValueError) as e:  # built from the config or init_from alone: the user's to fix
+            source = f"init_from '{cfg.init_from}'" if cfg.init_from else f"model.llm '{cfg.model.llm}' / model.vqrae"
+            raise ConfigError(f"cannot build the model from {source}: {type(e).__name__}: {first_line(e)}") from None
+        vqrae = unregister_vqrae(model)
+        groups = trainable_groups(model, cfg)
+        n_train = sum(p.numel() for g in groups for p in g["params"])  # before ZeRO-3 partitions them
+        optimizer = make_optimizer(groups, optim)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
+                                               lr_scheduler=make_scheduler(optimizer, optim, run.steps))
+
+        # -- data: rank 0 builds the data sets' caches first; codes_from is checked against the stored VQRAE ----
+        if not s.main:
+            barrier()
+        loaders = make_loaders(data, model, run.micro_batch_size, s.rank, s.world, pin_memory=device.type == "cuda")
+        if s.main:
+            barrier()
+        place_vqrae(vqrae, device)
+        schedule = TaskSchedule(data.task_ratio, data.seed)
+        guard = NonFiniteGuard(run.max_nonfinite)
+        metrics = TaskMetrics(device)
+        data_stats: Counter = Counter()
+        step = micro = 0
+        if s.resume_dir:  # every file through torch.load(weights_only=True): a checkpoint never runs code
+            load_engine_checkpoint(engine, s.resume_dir, "mllm", load_module_strict=False)  # frozen weights: the build's
+        state = restore(s, run.seed)
+        if state is not None:
+            ranks = len(state["loaders"])
+            if ranks != s.world:
+                raise TrainingError(f"{s.resume_dir} was written by {ranks} ranks; resume with the same number "
+                                    f"({s.world} now)")
+            step, micro, guard.total = state["step"], state["micro_step"], state["nonfinite"]
+            for task, loader in loaders.items():
+                if task in state["loaders"][s.rank]:  # a task the earlier run did not train starts at its beginning
+                    loader.load_state_dict(state["loaders"][s.rank][task])
+            data_stats.update(state["data_stats"][s.rank])
+        last_ckpt = s.resume_dir
+
+        logger = RunLogger(run.output_dir, run.steps, step, s.main, run.tensorboard, run.progress_bar)
+        if s.main:  # the config as trained: the ZeRO stage in effect
+            save_yaml(dataclasses.replace(cfg, run=dataclasses.replace(run, zero_stage=zero_stage)),
+                      os.path.join(run.output_dir, "train_config.yaml"))
+            stage = "projector only" if cfg.model.freeze_llm else "LoRA" if cfg.model.lora.enabled else "full"
+            logger.info(f"{stage}: {n_train / 1e6:.2f}M trainable parameters, tasks {sorted(loaders)} at generation "
+                        f"ratio {data.task_ratio}, world {s.world}, global batch {run.batch_size}, zero {zero_stage}, "
+                        f"{run.precision}" + (f", resumed from {s.resume_dir} at step {step}" if s.resume_dir else ""))
+
+        def write(folder: str) -> None:
+            engine.save_checkpoint(folder, tag="mllm", exclude_frozen_parameters=True)
+            gathered = gather(({task: loader.state_dict() for task, loader in loaders.items()}, dict(data_stats)))
+            export_model(model, os.path.join(folder, "model"), vqrae_dir, zero_stage == 3, s.rank)
+            if s.main:
+                torch.save({"step": step, "micro_step": micro, "nonfinite": guard.total,
+                            "loaders": [g[0] for g in gathered], "data_stats": [g[1] for g in gathered]},
+                           os.path.join(folder, "trainer.pt"))
+
+        # -- loop: one micro-batch of one task per iteration ---------------------------------------------------
+        engine.train()
+        empty = EmptyBatches(1000)
+        while step < run.steps:
+            task = schedule.task(micro)
+            batch = loaders[task].next()
+            data_stats.update(batch.data_stats)
+            if empty.skip(len(batch), lambda n: f"{n} micro-batches in a row without a usable row (last task: {task}); "
+                          f"data so far: {dict(data_stats)}"):
+                continue
+            result = train_step(engine, model, task, batch, device, run.precision, guard, step, last_ckpt)
+            if result is None:
+                logger.info(f"step {step}: non-finite {task} loss skipped ({guard.total} so far)")
+                continue
+            micro += 1
+            metrics.add(task, result.out, result.tokens)
+            if not result.boundary:
+                continue
+            grad_norm = result.grad_norm if result.grad_norm is not None else engine.get_global_grad_norm()
+
+            step += 1
+            logger.advance()
+            if due(step, run.log_every, run.steps):
+                values = metrics.summary(data_stats, grad_norm)  # the interval's one read back to the host
+                values.update({f"lr/{g['name']}": g["lr"] for g in engine.optimizer.param_groups
+                               if not g.get("name", "").endswith("no_decay")})
+                values["nonfinite_steps"] = guard.total
+                logger.scalars(step, values)
+            if due(step, run.save_every, run.steps):
+                last_ckpt = save_checkpoint(s, step, last_ckpt, write)
+
+        dropped = {k: v for k, v in data_stats.items() if k != "ok" and v}
+        return finish(s, run, step, last_ckpt, logger, f"data on rank 0: {dropped or 'no dropped or converted rows'}; "
+                                                         f"non-finite steps skipped: {guard.total}")
