@@ -163,11 +163,12 @@ def test_tokenizer_loop_reads_back_once_per_log_interval_and_logs_the_same_value
             assert float(values[f"loss/{key}"]) == pytest.approx(sum(t[key] for t in window) / 3, rel=1e-3)
 
 
-def test_every_benchmark_imports_against_the_current_packages():
-    """The benchmarks run only by hand (or on a GPU): at least their imports must match the packages."""
+def test_every_benchmark_and_study_imports_against_the_current_packages():
+    """The benchmarks and studies run only by hand (or on a GPU): at least their imports must match the packages."""
     names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "bench")) if f.endswith(".py"))
-    code = "import importlib, sys\nsys.path[:0] = ['bench', '.']\n" + "".join(
-        f"importlib.import_module({n!r})\n" for n in names)
+    studies = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "scripts", "experiments")) if f.endswith(".py"))
+    code = "import importlib, sys\nsys.path[:0] = ['bench', 'scripts/experiments', '.']\n" + "".join(
+        f"importlib.import_module({n!r})\n" for n in names + studies)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert len(names) >= 8
+    assert len(names) >= 8 and len(studies) >= 2
