@@ -113,25 +113,13 @@ def _default_threads() -> bool:
     return "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() in (_usable_cores(), os.cpu_count())
 
 
-def _other_runnable() -> int:
-    """Processes other than this one running or ready to run right now (Linux ``/proc/loadavg``), else 0."""
-    try:
-        with open("/proc/loadavg") as f:
-            return max(0, int(f.read().split()[3].split("/")[0]) - 1)
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def cpu_threads(local_ranks: int, cores: Optional[int] = None, busy: Optional[int] = None) -> int:
-    """Threads per rank on a CPU: the usable cores that other running processes leave free, shared among the
-    ranks of this host (at least one).
-
-    OpenMP threads waiting for a core that another job holds spin: on 2 cores with one other job, 2 threads
-    per rank made a tiny tokenizer step 7-11x slower than 1 thread, for identical numbers.
-    """
+def cpu_threads(local_ranks: int, cores: Optional[int] = None) -> int:
+    """Threads per rank on a CPU: the cores this process may use, shared among the ranks of this host (at least
+    one). Fixed by the machine, not by its momentary load, so a resumed run computes with the same thread count
+    (and the same float sums) as the run it continues; on a machine shared with other jobs set
+    ``OMP_NUM_THREADS``, which wins."""
     cores = _usable_cores() if cores is None else cores
-    busy = _other_runnable() if busy is None else busy
-    return max(1, max(1, cores - busy) // max(1, local_ranks))
+    return max(1, cores // max(1, local_ranks))
 
 
 @contextmanager
