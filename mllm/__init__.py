@@ -1,6 +1,7 @@
 """Unified multimodal LLM: a VQRAE tokenizer attached to any Hugging Face causal LM, for image
 understanding (continuous features -> projector -> input embeddings) and generation (discrete codes as
 vocabulary tokens)."""
+import vqrae as _vqrae  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
 from .data import (
     Batch, Example, ExampleRows, GenerationPrompts, Prompt, Skipped, collate, generation_example,
     generation_prompt_ids, generation_prompts, insert_codes, load_conversations, open_image_text, pad_token_id,

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vqrae import VQRAE
 from vqrae.data import ResumableSampler, SampleKey
-from vqrae.runtime import TrainingError, all_reduce_sum
+from vqrae.runtime import NonFiniteGuard, TrainingError, all_reduce_sum
 
 from .codes import open_codes
 from .data import (
@@ -276,29 +276,39 @@ class TaskMetrics:
 
     def reset(self) -> None:
         self.losses = torch.zeros(len(TASKS), 2, device=self.device)  # (task, [loss, image_loss])
-        self.steps = [0] * len(TASKS)
+        self.steps = torch.zeros(len(TASKS), device=self.device)  # micro-batches with a finite loss
         self.tokens = [0] * len(TASKS)
         self.start = time.perf_counter()
 
-    def add(self, task: str, out: UnifiedOutput, tokens: int) -> None:
-        """One trained micro-batch of ``task`` with ``tokens`` non-padding input tokens on this rank."""
+    def add(self, task: str, out: UnifiedOutput, tokens: int, ok: Optional[torch.Tensor] = None) -> None:
+        """One trained micro-batch of ``task`` with ``tokens`` non-padding input tokens on this rank; its losses
+        count only where ``ok`` (a 0/1 device flag: the loss was finite) is 1."""
         t = TASKS.index(task)
-        self.losses[t] += torch.stack([out.loss.detach(), out.image_loss.detach()]).float()
-        self.steps[t] += 1
+        losses = torch.stack([out.loss.detach(), out.image_loss.detach()]).float()
+        if ok is None:
+            ok = torch.ones((), device=self.device)
+        self.losses[t] += torch.where(ok > 0, losses, 0.0)
+        self.steps[t] += ok
         self.tokens[t] += tokens
 
-    def summary(self, data_stats: Counter, grad_norm=None) -> dict[str, float]:
+    def summary(self, data_stats: Counter, grad_norm=None, guard: Optional[NonFiniteGuard] = None,
+                last_ckpt: Optional[str] = None, info=None) -> dict[str, float]:
         """Window means over all ranks (a collective: every rank calls it) and ``grad_norm`` (a float or device
-        tensor; None: nan), in one read back to the host; then ``reset``.
+        tensor; None: nan), in one read back to the host, with ``guard``'s pending flags, which are then settled
+        (``NonFiniteGuard.settle``: it may stop the run); then ``reset``.
 
         ``data_stats`` is this rank's running count of row statuses; the totals of dropped rows are summed
         over ranks.
         """
         skipped = sum(v for k, v in data_stats.items() if k != "ok" and not k.startswith("converted"))
-        host = torch.tensor(self.steps + self.tokens + [skipped, data_stats.get("too_long", 0)], dtype=torch.float64)
-        summed = all_reduce_sum(torch.cat([self.losses.flatten().double(), host.to(self.device)]))
+        host = torch.tensor(self.tokens + [skipped, data_stats.get("too_long", 0)], dtype=torch.float64)
+        summed = all_reduce_sum(torch.cat([self.losses.flatten().double(), self.steps.double(), host.to(self.device)]))
         norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float64)
-        values = torch.cat([summed, norm.to(self.device).view(1)]).tolist()
+        flags = guard.pending_flags() if guard is not None else torch.zeros(0, device=self.device)
+        values = torch.cat([summed, norm.to(self.device).view(1), flags.double()]).tolist()
+        if guard is not None:
+            guard.settle(values[len(values) - len(flags):], last_ckpt, info or (lambda msg: None))
+            values = values[: len(values) - len(flags)]
         n = len(TASKS)
         losses, steps, tokens = values[: 2 * n], values[2 * n : 3 * n], values[3 * n : 4 * n]
         elapsed = max(time.perf_counter() - self.start, 1e-9)

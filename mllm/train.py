@@ -24,7 +24,7 @@ from vqrae.config import ConfigError, save_yaml
 from vqrae.model import CONFIG_NAME as VQRAE_CONFIG, WEIGHTS_NAME as VQRAE_WEIGHTS
 from vqrae.runtime import (
     COMPUTE_DTYPES, EmptyBatches, NonFiniteGuard, OptimConfig, RunConfig, RunLogger, TrainingError, autocast, barrier,
-    check_run_config, deepspeed_config, due, finish, first_line, gather, grad_norm_before_step,
+    check_run_config, deepspeed_config, due, finish, first_line, gather, grad_norm_before_step, guarded_optimizer,
     load_engine_checkpoint, make_optimizer, make_scheduler, param_groups, restore, save_checkpoint, session,
 )
 
@@ -164,24 +164,31 @@ class MicroStep:
     task: str
     out: "UnifiedOutput"
     tokens: int  # non-padding input tokens on this rank
+    ok: torch.Tensor  # 0/1 on the device: this rank's loss was finite (its values may be logged)
     boundary: bool  # this micro-step ended an optimizer step (gradient accumulation)
     grad_norm: Optional[torch.Tensor]  # at a boundary without ZeRO in fp32, where DeepSpeed keeps none
 
 
 def train_step(engine, model: UnifiedModel, task: str, batch: Batch, device: torch.device, precision: str,
-               guard: NonFiniteGuard, step: int, last_ckpt: Optional[str] = None) -> Optional[MicroStep]:
+               guard: NonFiniteGuard, step: int) -> MicroStep:
     """One micro-batch of ``task``: tokenize its images, forward, backward and (at an accumulation boundary)
-    the optimizer step. None when the loss is not finite on some rank: every rank skips it (``guard``)."""
+    the optimizer step. A non-finite loss on any rank is flagged on the device (``guard``): the optimizer step
+    it belongs to changes no weight, and nothing waits for the flag."""
     tokens = int(batch.attention_mask.sum())  # a host tensor: no device sync
     batch = prepare_batch(model, batch, device, precision)
     out = engine(**batch.model_inputs())
-    if not guard.check(out.loss, step, last_ckpt):
-        return None
+    ok = 1.0 - (guard.observe(out.loss) > 0).float()
     boundary = engine.is_gradient_accumulation_boundary()
     engine.backward(out.loss)
     grad_norm = grad_norm_before_step(engine)
-    engine.step()
-    return MicroStep(task, out, tokens, boundary, grad_norm)
+    if boundary:
+        optimizer = guarded_optimizer(engine)
+        flag = guard.arm(optimizer)
+        engine.step()
+        guard.record(step + 1, flag, optimizer)
+    else:
+        engine.step()
+    return MicroStep(task, out, tokens, ok, boundary, grad_norm)
 
 
 def trainable_groups(model: UnifiedModel, cfg: MLLMTrainConfig) -> list:
@@ -237,7 +244,7 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
             barrier()
         place_vqrae(vqrae, device)
         schedule = TaskSchedule(data.task_ratio, data.seed)
-        guard = NonFiniteGuard(run.max_nonfinite)
+        guard = NonFiniteGuard(run.max_nonfinite, device)
         metrics = TaskMetrics(device)
         data_stats: Counter = Counter()
         step = micro = 0
@@ -250,6 +257,7 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
                 raise TrainingError(f"{s.resume_dir} was written by {ranks} ranks; resume with the same number "
                                     f"({s.world} now)")
             step, micro, guard.total = state["step"], state["micro_step"], state["nonfinite"]
+            guard.consecutive = state.get("nonfinite_in_a_row", 0)
             for task, loader in loaders.items():
                 if task in state["loaders"][s.rank]:  # a task the earlier run did not train starts at its beginning
                     loader.load_state_dict(state["loaders"][s.rank][task])
@@ -271,12 +279,14 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
             export_model(model, os.path.join(folder, "model"), vqrae_dir, zero_stage == 3, s.rank)
             if s.main:
                 torch.save({"step": step, "micro_step": micro, "nonfinite": guard.total,
+                            "nonfinite_in_a_row": guard.consecutive,
                             "loaders": [g[0] for g in gathered], "data_stats": [g[1] for g in gathered]},
                            os.path.join(folder, "trainer.pt"))
 
         # -- loop: one micro-batch of one task per iteration ---------------------------------------------------
         engine.train()
         empty = EmptyBatches(1000)
+        save_wanted = False  # a checkpoint falls due but waits while the latest steps were skipped
         while step < run.steps:
             task = schedule.task(micro)
             batch = loaders[task].next()
@@ -284,12 +294,9 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
             if empty.skip(len(batch), lambda n: f"{n} micro-batches in a row without a usable row (last task: {task}); "
                           f"data so far: {dict(data_stats)}"):
                 continue
-            result = train_step(engine, model, task, batch, device, run.precision, guard, step, last_ckpt)
-            if result is None:
-                logger.info(f"step {step}: non-finite {task} loss skipped ({guard.total} so far)")
-                continue
+            result = train_step(engine, model, task, batch, device, run.precision, guard, step)
             micro += 1
-            metrics.add(task, result.out, result.tokens)
+            metrics.add(task, result.out, result.tokens, result.ok)
             if not result.boundary:
                 continue
             grad_norm = result.grad_norm if result.grad_norm is not None else engine.get_global_grad_norm()
@@ -297,14 +304,17 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
             step += 1
             logger.advance()
             if due(step, run.log_every, run.steps):
-                values = metrics.summary(data_stats, grad_norm)  # the interval's one read back to the host
+                # the interval's one read back to the host, the guard's flags with it
+                values = metrics.summary(data_stats, grad_norm, guard, last_ckpt, logger.info)
                 values.update({f"lr/{g['name']}": g["lr"] for g in engine.optimizer.param_groups
                                if not g.get("name", "").endswith("no_decay")})
                 values["nonfinite_steps"] = guard.total
                 logger.scalars(step, values)
-            if due(step, run.save_every, run.steps):
-                last_ckpt = save_checkpoint(s, step, last_ckpt, write)
+            save_wanted = save_wanted or due(step, run.save_every, run.steps)
+            if save_wanted and (guard.clear_to_save(step, last_ckpt, logger.info) or step == run.steps):
+                last_ckpt, save_wanted = save_checkpoint(s, step, last_ckpt, write), False
 
+        guard.read(last_ckpt, logger.info)
         dropped = {k: v for k, v in data_stats.items() if k != "ok" and v}
         return finish(s, run, step, last_ckpt, logger, f"data on rank 0: {dropped or 'no dropped or converted rows'}; "
                                                          f"non-finite steps skipped: {guard.total}")

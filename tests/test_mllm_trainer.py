@@ -245,6 +245,21 @@ def test_task_metrics_average_per_task_and_count_dropped_rows():
     assert "generation/loss" not in metrics.summary(Counter())  # the window was reset
 
 
+def test_task_metrics_leave_out_non_finite_losses_and_settle_the_guard_in_the_same_read():
+    from vqrae.runtime import NonFiniteGuard
+
+    metrics, guard, lines = TaskMetrics(CPU), NonFiniteGuard(5), []
+    for step, loss in enumerate([2.0, float("nan"), 4.0], start=1):
+        out = UnifiedOutput(logits=torch.zeros(1), loss=torch.tensor(loss), image_loss=torch.tensor(loss / 2),
+                            text_loss=torch.tensor(0.0))
+        ok = 1.0 - guard.observe(out.loss)
+        guard.record(step, guard.arm())
+        metrics.add(GENERATION, out, tokens=10, ok=ok)
+    values = metrics.summary(Counter(), None, guard, "ck", lines.append)
+    assert values["generation/loss"] == 3.0 and values["generation/image_loss"] == 1.5
+    assert lines == ["step 2: non-finite loss skipped (1 so far)"] and guard.total == 1 and not guard.pending
+
+
 # ----------------------------------------------------------------------------- configs and stages
 
 

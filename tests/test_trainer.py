@@ -1,3 +1,4 @@
+import copy
 import os
 
 import pytest
@@ -7,7 +8,8 @@ from vqrae import VQRAE
 from vqrae.losses import LossConfig
 from vqrae.train import TokenizerTrainConfig, build_discriminator, feature_stats, make_teacher, merge_stats, set_stage, tokenizer_param_groups
 from vqrae.losses import discriminator_loss, generator_loss
-from vqrae.runtime import EMA, Checkpointer, NonFiniteGuard, OptimConfig, RunConfig, TrainingError, deepspeed_config, param_groups, rng_state, set_rng_state
+from vqrae.runtime import (EMA, Checkpointer, GuardedAdamW, NonFiniteGuard, OptimConfig, RunConfig, TrainingError, deepspeed_config,
+                           make_optimizer, param_groups, rng_state, set_rng_state)
 
 NO_LPIPS = LossConfig(perceptual_weight=0.0, gan_weight=0.0)
 
@@ -175,14 +177,116 @@ def test_checkpointer_ignores_incomplete_and_prunes(tmp_path):
         ck.resolve(str(tmp_path / "checkpoints" / ".tmp-step_00000004"))
 
 
-def test_nonfinite_guard_skips_then_aborts():
-    g = NonFiniteGuard(max_consecutive=3)
-    assert g.check(torch.tensor(1.0), 0, None)
-    assert not g.check(torch.tensor(float("nan")), 1, "ck/step_1")
-    assert not g.check(torch.tensor(float("inf")), 2, "ck/step_1")
-    with pytest.raises(TrainingError, match="at step 3; last good checkpoint: ck/step_1"):
-        g.check(torch.tensor(float("nan")), 3, "ck/step_1")
-    assert g.total == 3
+def _steps(guard, losses, start=1):
+    """One micro-step per optimizer step: observe, arm and record each loss."""
+    for step, loss in enumerate(losses, start=start):
+        guard.observe(torch.tensor(loss))
+        guard.record(step, guard.arm())
+
+
+def test_nonfinite_guard_flags_on_the_device_and_settles_at_the_read():
+    nan, inf = float("nan"), float("inf")
+    g, lines = NonFiniteGuard(max_consecutive=3), []
+    _steps(g, [1.0, nan, inf, 2.0, nan, nan])
+    assert g.total == 0 and len(g.pending) == 6  # nothing is read back before the log or checkpoint
+    assert g.pending_flags().tolist() == [0, 1, 1, 0, 1, 1]
+    assert not g.clear_to_save(6, "ck/step_4", lines.append)  # a save waits out a run of skipped steps
+    assert lines == ["step 2: non-finite loss skipped (1 so far)", "step 3: non-finite loss skipped (2 so far)",
+                     "step 5: non-finite loss skipped (3 so far)", "step 6: non-finite loss skipped (4 so far)",
+                     "step 6: checkpoint postponed: the last 2 steps had non-finite losses"]
+    _steps(g, [3.0], start=7)
+    assert g.clear_to_save(7, "ck/step_4", lines.append) and g.total == 4 and g.consecutive == 0
+    _steps(g, [nan, nan, nan, 1.0], start=8)
+    with pytest.raises(TrainingError, match="^3 non-finite losses in a row at step 10; last good checkpoint: ck/step_7$"):
+        g.settle(g.pending_flags().tolist(), "ck/step_7", lines.append)
+
+
+def test_nonfinite_guard_flags_a_whole_accumulated_step_and_names_broken_encoder_features():
+    g = NonFiniteGuard(max_consecutive=5)
+    g.observe(torch.tensor(1.0))
+    g.observe(torch.tensor(float("nan")))  # the second micro-step of the same optimizer step
+    assert g.arm().item() == 1 and g.arm().item() == 0  # arm starts the next step's window
+    g.observe(torch.tensor(float("nan")), features=torch.tensor([[0.0, float("inf")]]))
+    g.record(1, g.arm())
+    with pytest.raises(TrainingError, match="^step 1: the encoder produced NaN or inf features"):
+        g.read("ck/a", lambda msg: None)
+    g.observe(torch.tensor(2.0), features=torch.tensor([[0.0, float("inf")]]))  # a finite loss is not flagged
+    assert g.arm().item() == 0
+
+
+def _adamw_pair():
+    torch.manual_seed(0)
+    a = torch.nn.Linear(5, 4)
+    b = copy.deepcopy(a)
+    opt = make_optimizer(param_groups(a.named_parameters(), 0.1, 0.01, "m"), OptimConfig())
+    ref = torch.optim.AdamW(param_groups(b.named_parameters(), 0.1, 0.01, "m"), foreach=False)
+    return a, b, opt, ref
+
+
+def test_guarded_adamw_leaves_weights_and_state_alone_on_a_flagged_or_non_finite_step():
+    a, b, opt, ref = _adamw_pair()
+    assert isinstance(opt, GuardedAdamW)
+    grads = [torch.randn(4, 5), torch.randn(4)]
+
+    def step(o, module, g, flag=None):
+        for p, gi in zip(module.parameters(), g):
+            p.grad = gi.clone()
+        if flag is not None:
+            o.skip_if(torch.tensor(float(flag)))
+        o.step()
+
+    step(opt, a, grads, flag=0)
+    step(ref, b, grads)
+    assert opt.skipped.item() == 0
+    for p, q in zip(a.parameters(), b.parameters()):  # an unflagged step is AdamW's
+        torch.testing.assert_close(p, q)
+    before = copy.deepcopy((a.state_dict(), opt.state_dict()["state"]))
+    step(opt, a, [g * 3 for g in grads], flag=1)  # flagged by the guard
+    assert opt.skipped.item() == 1
+    step(opt, a, [g * float("nan") for g in grads], flag=0)  # a non-finite gradient the guard did not see
+    assert opt.skipped.item() == 1
+    step(opt, a, [g * float("inf") for g in grads])  # unarmed since: still checked
+    for k, v in before[0].items():
+        assert torch.equal(v, a.state_dict()[k])
+    for i, st in before[1].items():  # moments and step counts too
+        for k, v in st.items():
+            assert torch.equal(v, opt.state_dict()["state"][i][k]), k
+    step(opt, a, grads, flag=0)
+    step(ref, b, grads)
+    for p, q in zip(a.parameters(), b.parameters()):  # the skipped steps never happened
+        torch.testing.assert_close(p, q)
+    opt.skip_if(torch.tensor(0.0))
+    assert opt.skipped.item() == 1  # armed but no step ran (a wrapper dropped it): counted as skipped
+
+
+def test_guarded_adamw_resumes_a_plain_adamw_state():
+    a, b, opt, ref = _adamw_pair()
+    grads = [torch.randn(4, 5), torch.randn(4)]
+    for o, m in ((opt, a), (ref, b)):
+        for p, g in zip(m.parameters(), grads):
+            p.grad = g.clone()
+    ref.step()
+    a.load_state_dict(b.state_dict())
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))  # written by torch's AdamW, unfused
+    assert all(g["fused"] for g in opt.param_groups)
+    opt.skip_if(torch.tensor(0.0))
+    opt.step()
+    ref.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+    assert {float(st["step"]) for st in opt.state.values()} == {2.0}
+
+
+def test_ema_skips_a_skipped_step_on_the_device():
+    m = torch.nn.Linear(3, 2)
+    ema = EMA(m, 0.5)
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    ema.update(m, torch.tensor(1.0))
+    assert all(torch.equal(before[k], v) for k, v in ema.state_dict().items())
+    ema.update(m, torch.tensor(0.0))
+    torch.testing.assert_close(ema.state_dict()["weight"], before["weight"] * 0.5 + m.weight.detach() * 0.5)
 
 
 def test_feature_stats_match_brute_force_across_batches_and_ranks():

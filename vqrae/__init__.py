@@ -1,4 +1,12 @@
 """VQRAE tokenizer: a pretrained vision encoder, a SimVQ quantizer and a symmetric ViT decoder."""
+import os as _os
+
+# Idle OpenMP threads sleep instead of spinning. On a CPU shared with other jobs, threads spinning while they wait
+# for a descheduled peer made a training step 2-3x slower at the same thread count (docs/benchmarks.md); the thread
+# count, and so every float sum, is unchanged. OpenMP reads this when torch loads it, so it is set before the first
+# ``import torch`` of a process that imports this package first (every script does); a user's value wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .config import ConfigError, load_config
 from .decoder import DecoderConfig, ViTDecoder
 from .encoder import EncoderConfig, VFMEncoder

@@ -62,7 +62,7 @@ class RunConfig:
     save_every: int = 1000
     keep_last: int = 3  # complete checkpoints kept
     ema_decay: float = 0.9999  # 0 disables EMA
-    max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    max_nonfinite: int = 10  # consecutive skipped (non-finite) optimizer steps before the run stops
     tensorboard: bool = True
     progress_bar: bool = True
 
@@ -224,6 +224,7 @@ def deepspeed_config(run: RunConfig, optim: OptimConfig, world_size: int) -> Dic
         "zero_optimization": {"stage": run.zero_stage},
         "steps_per_print": 10**9,  # our logger reports; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,  # GuardedAdamW is torch's AdamW, subclassed
     }
     if run.deepspeed_config:
         try:
@@ -259,9 +260,63 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_de
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(groups: List[dict], optim: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(groups: List[dict], optim: OptimConfig) -> "GuardedAdamW":
     # A client optimizer: DeepSpeed wraps it (ZeRO) without JIT-building its fused Adam op.
-    return torch.optim.AdamW(groups, betas=tuple(optim.betas), eps=optim.eps)
+    return GuardedAdamW(groups, betas=tuple(optim.betas), eps=optim.eps)
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """PyTorch's fused AdamW whose update is skipped on the device when the step is flagged: weights, moments
+    and step counts stay as they were, and nothing is read back to the host.
+
+    A step is flagged when the guard said so (``skip_if``: a non-finite loss on some rank) or when a gradient
+    this optimizer holds is not finite. ``skipped`` is the last step's flag (a 0/1 device tensor). Under ZeRO
+    each rank holds a shard of the gradients; a finite loss with non-finite gradients in one shard only would
+    be skipped there alone, which ``NonFiniteGuard.settle`` reports as an error.
+    """
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, fused=True, **kwargs)
+        self._flag: Optional[torch.Tensor] = None
+        self._found: Optional[torch.Tensor] = None
+
+    def skip_if(self, flag: torch.Tensor) -> None:
+        """Flag (> 0) the next optimizer step (every ``step`` call until the next ``skip_if``: ZeRO-3 calls it
+        once per parameter sub-group)."""
+        self._flag, self._found = flag, None
+
+    @property
+    def skipped(self) -> Optional[torch.Tensor]:
+        """1 if the step since ``skip_if`` was skipped, on the device. 1 also when no ``step`` ran: a wrapper
+        that drops the step itself (DeepSpeed's overflow check, where enabled) skipped it. None before any."""
+        if self._found is None and self._flag is not None:
+            return torch.ones((), device=self._flag.device)
+        return self._found
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Also a plain AdamW's state (a checkpoint written before the optimizer was fused): the groups stay
+        fused, with their step counts where the fused kernel reads them."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group["fused"], group["foreach"] = True, None
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "step" in st:
+                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+            if self._flag is not None:
+                bad = bad | (self._flag.to(bad.device) > 0)
+            self.found_inf = bad.float()  # the fused kernel reads it on the device
+            self._found = self.found_inf if self._found is None else torch.maximum(self._found, self.found_inf)
+        try:
+            return super().step(closure)
+        finally:
+            self.found_inf = None
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):
@@ -320,10 +375,13 @@ class EMA:
         self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module, skipped: Optional[torch.Tensor] = None) -> None:
+        """One step of the average; none (on the device, without a host read) when ``skipped`` is 1."""
+        weight = 1.0 - self.decay
         for n, p in module.named_parameters():
             if n in self.shadow:
-                self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+                w = weight if skipped is None else (1.0 - skipped.to(p.device)) * weight
+                self.shadow[n].lerp_(p.detach().float(), w)
 
     def state_dict_for(self, module: nn.Module) -> Dict[str, torch.Tensor]:
         """The module's full state dict with EMA values substituted for the averaged parameters."""
@@ -706,31 +764,101 @@ def release_run_lock(output_dir: str) -> None:
 
 # -- numerics -----------------------------------------------------------------------------------------------
 class NonFiniteGuard:
-    """Counts non-finite losses; all ranks agree (sum across ranks) so they skip the same steps together.
+    """Skips the optimizer steps whose loss is not finite (on any rank, in any of the step's micro-steps)
+    without a host read per step, and stops the run after ``max_consecutive`` skipped steps in a row.
+
+    Per micro-step ``observe`` flags the loss on the device; at the accumulation boundary ``arm`` agrees on the
+    flag across ranks (a device collective) and hands it to the ``GuardedAdamW`` optimizers, which skip the
+    update on the device; ``record`` keeps each step's flag. The flags are read back with the log interval's
+    one transfer (or before a checkpoint) and ``settle`` logs them, counts them and raises ``TrainingError``
+    once too many come in a row: skipped steps change no weight, so stopping a few steps late loses nothing.
+    A skipped step still counts as a step (data and learning-rate schedule move on), as with a loss scaler.
 
     Args:
-        max_consecutive: consecutive skipped steps after which the run stops.
+        max_consecutive: skipped steps in a row after which the run stops.
+        device: where the flags live.
     """
 
-    def __init__(self, max_consecutive: int):
-        self.max_consecutive = max_consecutive
-        self.consecutive = 0
-        self.total = 0
+    FEATURES = 2.0  # flag value: the encoder's features themselves were not finite
 
-    def check(self, loss: torch.Tensor, step: int, last_checkpoint: Optional[str]) -> bool:
-        """True when the step may proceed; raises TrainingError after too many in a row."""
-        bad = (~torch.isfinite(loss.detach())).any().float().view(1)  # on the device: one read below
-        if all_reduce_sum(bad).item() == 0:
-            self.consecutive = 0
-            return True
-        self.consecutive += 1
-        self.total += 1
-        if self.consecutive >= self.max_consecutive:
-            raise TrainingError(
-                f"{self.consecutive} non-finite losses in a row at step {step}; last good checkpoint: "
-                f"{last_checkpoint or 'none'}"
-            )
-        return False
+    def __init__(self, max_consecutive: int, device: torch.device | str = "cpu"):
+        self.max_consecutive = max_consecutive
+        self.device = torch.device(device)
+        self.total = 0  # skipped steps read back so far
+        self.consecutive = 0
+        self.pending: List[tuple[int, torch.Tensor]] = []  # (step, flag) not yet read back
+        self._window = torch.zeros((), device=self.device)
+
+    def observe(self, loss: torch.Tensor, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Flag one micro-step on the device: 1 for a non-finite ``loss``, ``FEATURES`` when ``features`` (the
+        encoder's output, checked here only) are not finite either. Returns this rank's flag."""
+        bad = (~torch.isfinite(loss.detach())).any().float()
+        if features is not None:
+            bad = bad * torch.where(torch.isfinite(features.detach()).all(), 1.0, self.FEATURES)
+        self._window = torch.maximum(self._window, bad)
+        return bad
+
+    def arm(self, *optimizers: GuardedAdamW) -> torch.Tensor:
+        """At the accumulation boundary, before the optimizer steps: the step's flag over all ranks, handed to
+        ``optimizers``; starts the next step's window."""
+        flag = self._window
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        for opt in optimizers:
+            opt.skip_if(flag)
+        self._window = torch.zeros((), device=self.device)
+        return flag
+
+    def record(self, step: int, flag: torch.Tensor, optimizer: Optional[GuardedAdamW] = None) -> torch.Tensor:
+        """Keep optimizer step ``step``'s flag, with what ``optimizer`` found in its gradients; returns it."""
+        if optimizer is not None and optimizer.skipped is not None:
+            flag = torch.maximum(flag, optimizer.skipped.to(flag.device))
+        flag = flag.detach().float().view(())
+        self.pending.append((step, flag))
+        return flag
+
+    def pending_flags(self) -> torch.Tensor:
+        """The flags not yet read back, summed over ranks: a step all ranks skipped reads ``world`` (times its
+        flag); anything else but 0 means the ranks disagreed."""
+        if not self.pending:
+            return torch.zeros(0, device=self.device)
+        flags = torch.stack([(f > 0).float() + (f >= self.FEATURES).float() for _, f in self.pending])
+        return all_reduce_sum(flags.to(self.device))
+
+    def settle(self, values: List[float], last_checkpoint: Optional[str], info: Callable[[str], None]) -> None:
+        """Count and log the pending steps' flags as read back (``pending_flags().tolist()``)."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        pending, self.pending = self.pending, []
+        for (step, _), v in zip(pending, values):
+            skipped, features = v >= world, v >= 2 * world
+            if v and not skipped:
+                raise TrainingError(f"step {step}: some ranks found non-finite gradients and skipped the step, others "
+                                    f"did not; last good checkpoint: {last_checkpoint or 'none'}")
+            if not skipped:
+                self.consecutive = 0
+                continue
+            if features:
+                raise TrainingError(f"step {step}: the encoder produced NaN or inf features (a corrupt image or "
+                                    f"diverged encoder weights); last good checkpoint: {last_checkpoint or 'none'}")
+            self.total += 1
+            self.consecutive += 1
+            info(f"step {step}: non-finite loss skipped ({self.total} so far)")
+            if self.consecutive >= self.max_consecutive:
+                raise TrainingError(f"{self.consecutive} non-finite losses in a row at step {step}; last good "
+                                    f"checkpoint: {last_checkpoint or 'none'}")
+
+    def read(self, last_checkpoint: Optional[str], info: Callable[[str], None]) -> None:
+        """Read back and settle what is pending (a checkpoint or the end of the run)."""
+        if self.pending:
+            self.settle(self.pending_flags().tolist(), last_checkpoint, info)
+
+    def clear_to_save(self, step: int, last_checkpoint: Optional[str], info: Callable[[str], None]) -> bool:
+        """Before a checkpoint: settle what is pending; False (the save waits) while the latest steps were skipped,
+        so that a checkpoint never replaces the last good one with a run of skipped steps."""
+        self.read(last_checkpoint, info)
+        if self.consecutive:
+            info(f"step {step}: checkpoint postponed: the last {self.consecutive} steps had non-finite losses")
+        return self.consecutive == 0
 
 
 # -- logging ------------------------------------------------------------------------------------------------
@@ -808,6 +936,16 @@ def publish(checkpoint: str, export_dir: str) -> None:
     shutil.copytree(os.path.join(checkpoint, "model"), tmp)
     shutil.rmtree(export_dir, ignore_errors=True)
     os.replace(tmp, export_dir)
+
+
+def guarded_optimizer(engine) -> GuardedAdamW:
+    """The ``GuardedAdamW`` inside a DeepSpeed engine's optimizer (ZeRO wraps it)."""
+    opt = engine.optimizer
+    while not isinstance(opt, GuardedAdamW):
+        if not hasattr(opt, "optimizer"):
+            raise TrainingError(f"the engine's optimizer is {type(opt).__name__}, not make_optimizer's GuardedAdamW")
+        opt = opt.optimizer
+    return opt
 
 
 def grad_norm_before_step(engine) -> Optional[torch.Tensor]:

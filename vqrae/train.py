@@ -39,7 +39,7 @@ from .model import VQRAE, VQRAEConfig, VQRAEOutput
 from .quantizer import FeatureStats, check_finite_features
 from .runtime import (
     EMA, EmptyBatches, NonFiniteGuard, OptimConfig, RunConfig, RunLogger, TrainingError, all_reduce_sum, autocast,
-    check_run_config, deepspeed_config, due, finish, first_line, gather, grad_norm_before_step,
+    check_run_config, deepspeed_config, due, finish, first_line, gather, grad_norm_before_step, guarded_optimizer,
     load_engine_checkpoint, make_optimizer, make_scheduler, param_groups, restore, save_checkpoint, session,
 )
 
@@ -194,16 +194,22 @@ class MicroStep:
     out: VQRAEOutput
     loss: GeneratorLoss
     disc_loss: Optional[torch.Tensor]  # None while the GAN is off
-    boundary: bool  # this micro-step ended an optimizer step (gradient accumulation)
+    ok: torch.Tensor  # 0/1 on the device: this rank's loss was finite (its values may be logged)
+    skipped: Optional[torch.Tensor]  # at a boundary: 1 when the optimizer step was skipped (all ranks), on the device
     grad_norm: Optional[torch.Tensor]  # at a boundary without ZeRO in fp32, where DeepSpeed keeps none; on the device
+
+    @property
+    def boundary(self) -> bool:  # this micro-step ended an optimizer step (gradient accumulation)
+        return self.skipped is not None
 
 
 def train_step(engine, disc_engine, images: torch.Tensor, loss_cfg: LossConfig, step: int, precision: str,
-               guard: NonFiniteGuard, last_ckpt: Optional[str] = None, perceptual: Optional[PerceptualLoss] = None,
-               teacher: Optional[nn.Module] = None, last_layer: Optional[torch.Tensor] = None) -> Optional[MicroStep]:
+               guard: NonFiniteGuard, perceptual: Optional[PerceptualLoss] = None,
+               teacher: Optional[nn.Module] = None, last_layer: Optional[torch.Tensor] = None) -> MicroStep:
     """One micro-step: forward, generator loss, backward and (at an accumulation boundary) the optimizer step,
-    then the discriminator's step once the GAN is on. None when the loss is not finite on some rank: every rank
-    skips the micro-step (``guard``; too many in a row raise ``TrainingError``).
+    then the discriminator's step once the GAN is on. A non-finite loss on any rank is flagged on the device
+    (``guard``): the optimizer step it belongs to changes no weight, of either network, and nothing waits for
+    the flag.
 
     Args:
         engine: the VQRAE's DeepSpeed engine.
@@ -212,8 +218,7 @@ def train_step(engine, disc_engine, images: torch.Tensor, loss_cfg: LossConfig, 
         loss_cfg: loss weights.
         step: the optimizer step being accumulated (decides whether the GAN is on).
         precision: ``run.precision``; the loss terms outside the engine run under its autocast.
-        guard: the non-finite loss counter.
-        last_ckpt: named in the error when the guard gives up.
+        guard: the non-finite step guard.
         perceptual: LPIPS, or None.
         teacher: the frozen encoder E0 in stage 2, else None.
         last_layer: the decoder's last weight for the adaptive GAN weight, or None (weight 1).
@@ -227,21 +232,25 @@ def train_step(engine, disc_engine, images: torch.Tensor, loss_cfg: LossConfig, 
                 teacher_feats = teacher(images)
         disc = disc_engine.module if disc_engine is not None else None
         gl = generator_loss(out, target, loss_cfg, step, perceptual, disc, teacher_feats, last_layer)
-    if not guard.check(gl.total, step, last_ckpt):
-        if not bool(torch.isfinite(out.features).all()):  # checked only here: no extra sync on good steps
-            raise TrainingError(f"step {step}: the encoder produced NaN or inf features (a corrupt image or "
-                                f"diverged encoder weights); last complete checkpoint: {last_ckpt or 'none'}")
-        return None
+    ok = 1.0 - (guard.observe(gl.total, out.features) > 0).float()
     boundary = engine.is_gradient_accumulation_boundary()
+    gan_on = disc_engine is not None and gan_active(step, loss_cfg.gan_start_step)
     engine.backward(gl.total)
     grad_norm = grad_norm_before_step(engine)
-    engine.step()
+    skipped = None
+    if boundary:
+        optimizer = guarded_optimizer(engine)
+        flag = guard.arm(optimizer, *([guarded_optimizer(disc_engine)] if gan_on else []))
+        engine.step()
+        skipped = (guard.record(step + 1, flag, optimizer) > 0).float()
+    else:
+        engine.step()
     d_loss = None
-    if disc_engine is not None and gan_active(step, loss_cfg.gan_start_step):
+    if gan_on:
         d_loss = discriminator_loss(disc_engine, target, out.reconstruction)
         disc_engine.backward(d_loss)
         disc_engine.step()
-    return MicroStep(out, gl, d_loss.detach() if d_loss is not None else None, boundary, grad_norm)
+    return MicroStep(out, gl, d_loss.detach() if d_loss is not None else None, ok, skipped, grad_norm)
 
 
 class LogWindow:
@@ -253,28 +262,35 @@ class LogWindow:
 
     def reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.micro_steps, self.images, self.start = 0, 0, time.time()
+        self.finite = torch.zeros((), device=self.device)  # micro-steps with a finite loss
+        self.images, self.start = 0, time.time()
 
-    def add(self, gl: GeneratorLoss, disc_loss: Optional[torch.Tensor], images: int) -> None:
+    def add(self, gl: GeneratorLoss, disc_loss: Optional[torch.Tensor], ok: torch.Tensor, images: int) -> None:
+        """One micro-step's values; those of a micro-step with a non-finite loss (``ok`` 0) are left out."""
         values = {**gl.terms, "loss": gl.total.detach(), "gan_weight": gl.gan_weight}
         if disc_loss is not None:
             values["disc"] = disc_loss
         for k, v in values.items():
-            self.sums[k] = self.sums[k] + v.float() if k in self.sums else v.float().clone()
-        self.micro_steps += 1
+            v = torch.where(ok > 0, v.float(), 0.0)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.finite = self.finite + ok
         self.images += images
 
-    def summary(self, usage: CodebookUsage, grad_norm) -> dict[str, float]:
-        """Means over the interval's micro-steps, code use over the usage window, the last step's grad norm and
-        images/s; one transfer to the host, then ``reset``."""
+    def summary(self, usage: CodebookUsage, grad_norm, guard: NonFiniteGuard, last_ckpt: Optional[str],
+                info) -> dict[str, float]:
+        """Means over the interval's micro-steps with a finite loss, code use over the usage window, the last
+        step's grad norm and images/s; the guard's pending flags travel in the same transfer to the host and are
+        settled (``guard.settle``, which may stop the run). Then ``reset``."""
         names = list(self.sums)
         norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float64)
-        packed = torch.cat([torch.stack([self.sums[k] for k in names]).double(), norm.to(self.device).view(1),
-                            usage.histogram().double()]).tolist()
-        n = max(1, self.micro_steps)
+        flags = guard.pending_flags()
+        packed = torch.cat([torch.stack([self.sums[k] for k in names] + [self.finite]).double(),
+                            norm.to(self.device).view(1), flags.double(), usage.histogram().double()]).tolist()
+        guard.settle(packed[len(names) + 2 : len(names) + 2 + len(flags)], last_ckpt, info)
+        n = max(1.0, packed[len(names)])
         values = {("gan_weight" if k == "gan_weight" else f"loss/{k}"): packed[i] / n for i, k in enumerate(names)}
-        used, perplexity = usage_stats(packed[len(names) + 1:])
-        values.update({"grad_norm": packed[len(names)], "img_per_s": self.images / max(time.time() - self.start, 1e-9),
+        used, perplexity = usage_stats(packed[len(names) + 2 + len(flags):])
+        values.update({"grad_norm": packed[len(names) + 1], "img_per_s": self.images / max(time.time() - self.start, 1e-9),
                        "codebook/usage_pct": 100 * used, "codebook/perplexity": perplexity})
         self.reset()
         return values
@@ -335,7 +351,7 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
         except ValueError as e:  # no shards match, no image column, fewer rows than one batch per rank
             raise TrainingError(f"data.source '{cfg.data.source}': {first_line(e)}") from None
         usage = CodebookUsage(model.codebook_size, cfg.codebook_window, device)
-        guard = NonFiniteGuard(run.max_nonfinite)
+        guard = NonFiniteGuard(run.max_nonfinite, device)
         data_stats: dict = {}
         data_state = sampler.state_dict()
         step = 0
@@ -350,6 +366,7 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
         state = restore(s, run.seed)
         if state is not None:
             step, data_state, guard.total = state["step"], state["sampler"][s.rank], state["nonfinite"]
+            guard.consecutive = state.get("nonfinite_in_a_row", 0)
             sampler.load_state_dict(data_state)
             usage.load_state_dict(state["usage"])
             data_stats = dict(state["data_stats"])
@@ -372,7 +389,8 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
             export = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
             if s.main:
                 torch.save({"step": step, "sampler": samplers, "usage": usage.state_dict(), "data_stats": data_stats,
-                            "nonfinite": guard.total}, os.path.join(folder, "trainer.pt"))
+                            "nonfinite": guard.total, "nonfinite_in_a_row": guard.consecutive},
+                           os.path.join(folder, "trainer.pt"))
                 if ema is not None:
                     from safetensors.torch import save_file
 
@@ -384,6 +402,7 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
         engine.train()
         data_iter = iter(loader)
         window = LogWindow(device)
+        save_wanted = False  # a checkpoint falls due but waits while the latest steps were skipped
         # a source with no readable image would otherwise skip empty micro-batches forever; streams have no epoch
         empty = EmptyBatches(len(sampler) if hasattr(sampler, "__len__") else 1000)
         while step < run.steps:
@@ -399,23 +418,22 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
                           f"without a readable image; row statuses so far: {data_stats}"):
                 continue
             images = batch.pixels.to(device, non_blocking=True)
-            micro = train_step(engine, disc_engine, images, loss_cfg, step, run.precision, guard, last_ckpt,
-                               perceptual, teacher, last_layer)
-            if micro is None:
-                logger.info(f"step {step}: non-finite loss skipped ({guard.total} so far)")
-                continue
-            usage.add(all_reduce_sum(usage.counts(micro.out.indices)))  # a collective on the device, no host read
-            window.add(micro.loss, micro.disc_loss, images.shape[0] * s.world)
+            micro = train_step(engine, disc_engine, images, loss_cfg, step, run.precision, guard, perceptual, teacher,
+                               last_layer)
+            # a collective on the device, no host read; a micro-step with a non-finite loss is left out
+            usage.add(all_reduce_sum(usage.counts(micro.out.indices) * micro.ok.long()))
+            window.add(micro.loss, micro.disc_loss, micro.ok, images.shape[0] * s.world)
             if not micro.boundary:
                 continue
             grad_norm = micro.grad_norm if micro.grad_norm is not None else engine.get_global_grad_norm()
 
             step += 1
             if ema is not None:
-                ema.update(engine.module)
+                ema.update(engine.module, micro.skipped)
             logger.advance()
             if due(step, run.log_every, run.steps):
-                values = window.summary(usage, grad_norm)  # the interval's one read back to the host
+                # the interval's one read back to the host, the guard's flags with it
+                values = window.summary(usage, grad_norm, guard, last_ckpt, logger.info)
                 values.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(engine.optimizer.param_groups)
                                if "no_decay" not in str(g.get("name", ""))})
                 values.update({"data/skipped": sum(v for k, v in data_stats.items()
@@ -431,9 +449,11 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
                 os.makedirs(os.path.join(run.output_dir, "samples"), exist_ok=True)
                 save_image(grid, os.path.join(run.output_dir, "samples", f"step_{step:08d}.png"))
                 logger.image(step, "reconstructions", grid)
-            if due(step, run.save_every, run.steps):
-                last_ckpt = save_checkpoint(s, step, last_ckpt, write)
+            save_wanted = save_wanted or due(step, run.save_every, run.steps)
+            if save_wanted and (guard.clear_to_save(step, last_ckpt, logger.info) or step == run.steps):
+                last_ckpt, save_wanted = save_checkpoint(s, step, last_ckpt, write), False
 
+        guard.read(last_ckpt, logger.info)
         bad = {k: v for k, v in data_stats.items() if k != "ok" and v}
         return finish(s, run, step, last_ckpt, logger, f"data: {bad if bad else 'no unreadable or converted images'}; "
                                                          f"non-finite steps skipped: {guard.total}")
