@@ -96,10 +96,12 @@ class Trainer:
     def _cl(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def step(self, images: torch.Tensor) -> None:
+    def step(self, images: torch.Tensor, mark=lambda phase: None) -> None:
+        """One training step; ``mark(phase)`` is called as each phase ends (``phase_times``)."""
         device_type = images.device.type
         with torch.autocast(device_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             out = self.forward(images)
+            mark("VQRAE forward (encoder, quantizer, decoder)")
             target = match_size(images, self.model.image_size)
             if self.plain:
                 loss, recon = self._plain_generator_loss(out, target)
@@ -109,9 +111,12 @@ class Trainer:
                                     self.perceptual if self.full else None, self.disc if self.full else None,
                                     last_layer=self.model.decoder.last_layer.weight)
                 loss, recon = gl.total, out.reconstruction
+            mark("generator loss (LPIPS, GAN term, adaptive weight's two grads)")
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
+        mark("backward")
         self.opt_g.step()
+        mark("AdamW step")
         if self.full:
             with torch.autocast(device_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 if self.plain:
@@ -121,6 +126,7 @@ class Trainer:
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             self.opt_d.step()
+            mark("discriminator step (forward, backward, AdamW)")
         self.step_count += 1
 
     def _plain_generator_loss(self, out, target):
@@ -163,6 +169,38 @@ def time_interleaved(trainers: list[Trainer], images: torch.Tensor, warmup: int,
     return [statistics.median(t) for t in times]
 
 
+def phase_times(trainer: Trainer, images: torch.Tensor, steps: int) -> dict[str, float]:
+    """Median seconds of each phase of a step (the device is synchronised at every phase end, so each phase is
+    timed alone; their sum exceeds an unsynchronised step by the lost overlap)."""
+    times: dict[str, list[float]] = {}
+    for _ in range(steps):
+        _sync(images.device)
+        last = [time.perf_counter()]
+
+        def mark(phase: str) -> None:
+            _sync(images.device)
+            now = time.perf_counter()
+            times.setdefault(phase, []).append(now - last[0])
+            last[0] = now
+
+        trainer.step(images, mark)
+    return {phase: statistics.median(t) for phase, t in times.items()}
+
+
+def top_ops(trainer: Trainer, images: torch.Tensor, n: int = 12) -> list[tuple[str, float, int]]:
+    """The ``n`` operators with the most self time (device time on a GPU) over one profiled step:
+    (name, ms, calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = images.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        trainer.step(images)
+        _sync(images.device)
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:n]
+    return [(e.key, getattr(e, key) / 1e3, e.count) for e in events]
+
+
 def count_flops(trainer: Trainer, images: torch.Tensor) -> int:
     with FlopCounterMode(display=False) as counter:
         trainer.step(images)
@@ -184,6 +222,8 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true", help="ours: images into LPIPS and the discriminator in channels_last")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile the VQRAE")
     p.add_argument("--configs", default="recon,full", help="comma list of recon (pixel + VQ terms), full (+LPIPS+GAN)")
+    p.add_argument("--profile", action="store_true", help="also where the time of ours (eager) with the full loss goes: "
+                   "each phase timed alone, and the operators with the most self time")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args()
     preset = PRESETS[args.preset]
@@ -250,6 +290,19 @@ def main() -> None:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"| {r['config']} ({r['gflop_per_step']:.1f} GFLOP/step) | {r['variant']} | {r['step_ms']:.1f} | {r['img_s']:.1f} "
               f"| {r['tflops']:.3g} | {mfu} | {base['step_ms'] / r['step_ms']:.2f}x |")
+    if args.profile:
+        trainer = Trainer(model, disc, perceptual, loss_cfg, True, False, dtype)
+        for _ in range(warmup):
+            trainer.step(images)
+        phases = phase_times(trainer, images, steps)
+        total = sum(phases.values())
+        print("\n| phase of ours (eager), full loss | ms | share |\n|---|---|---|")
+        for phase, t in phases.items():
+            print(f"| {phase} | {1e3 * t:.1f} | {100 * t / total:.0f}% |")
+        print(f"| sum of the phases | {1e3 * total:.1f} | 100% |")
+        print("\n| operator (self time, one step) | ms | calls |\n|---|---|---|")
+        for name, ms, calls in top_ops(trainer, images):
+            print(f"| `{name}` | {ms:.1f} | {calls} |")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ if [ -z "${SUMMARY_ONLY:-}" ]; then
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 1
 run quantizer_random 60 bench/bench_quantizer.py --device cuda --tokens 16384 --queries random --json "$LOGS/quantizer_random.json"
 run quantizer_near 60 bench/bench_quantizer.py --device cuda --tokens 16384 --queries near-codes --json "$LOGS/quantizer_near.json"
-run train_step 150 bench/bench_train_step.py --preset vit-l --device cuda --peak-tflops 989 --fused-adam --channels-last \
+run train_step 180 bench/bench_train_step.py --preset vit-l --device cuda --peak-tflops 989 --fused-adam --channels-last --profile \
   --compile --json "$LOGS/train_step.json"
 for b in 64 128; do  # the recipe's micro-batch is 32: does a larger one fill the GPU?
   run "train_step_b$b" 40 bench/bench_train_step.py --preset vit-l --device cuda --peak-tflops 989 --batch "$b" \
