@@ -316,3 +316,40 @@ def test_init_from_continues_an_export_with_the_new_stage_settings(assets, tmp_p
     assert all(torch.equal(a, b) for a, b in zip(tuned.projector.parameters(), model.projector.parameters()))
     assert any(getattr(m, "gradient_checkpointing", False) for m in tuned.llm.modules())
     assert json.dumps(sorted(tuned.tokenizer.get_vocab().items())) == json.dumps(sorted(model.tokenizer.get_vocab().items()))
+
+
+@pytest.mark.slow
+def test_a_non_finite_micro_step_skips_its_whole_accumulated_step(single_rank, tmp_path, monkeypatch, caplog):
+    """4 micro-steps per optimizer step; the 15th micro-batch's loss is NaN: step 4 changes no weight, step 5
+    trains again, and the skip is logged and checkpointed (the warmup gives steps 1 and 2 a learning rate of 0)."""
+    import mllm.train as mt
+
+    assets = write_tiny_assets(str(tmp_path / "assets"), num_train=16)
+    out = str(tmp_path / "run")
+    cfg = load_config(MLLMTrainConfig, os.path.join(ROOT, "configs/mllm/tiny.yaml"), [
+        f"model.llm={assets['llm']}", f"model.vqrae={assets['vqrae']}", f"data.generation.source={assets['data']}",
+        f"data.understanding.source={assets['data']}", f"run.output_dir={out}", "run.steps=6", "run.log_every=6",
+        "run.save_every=6", "run.tensorboard=false"])
+    seen: list[dict] = []
+    real_forward = UnifiedModel.forward
+
+    def forward(self, *args, **kwargs):
+        seen.append({n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad})
+        result = real_forward(self, *args, **kwargs)
+        return dataclasses.replace(result, loss=result.loss * float("nan")) if len(seen) == 15 else result
+
+    monkeypatch.setattr(UnifiedModel, "forward", forward)
+    caplog.set_level("INFO", logger="vqrae")
+    mt.train(cfg)
+    assert len(seen) == 24
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert not same(seen[8], seen[12])  # step 3 trained
+    assert same(seen[12], seen[16])  # step 4 (micro-steps 12-15, the 15th NaN) moved nothing
+    assert not same(seen[16], seen[20])  # step 5 trained again
+    assert [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()][0] == (
+        "step 4: non-finite loss skipped (1 so far)")
+    state = torch.load(os.path.join(out, "checkpoints", "step_00000006", "trainer.pt"), weights_only=True)
+    assert state["nonfinite"] == 1 and state["step"] == 6

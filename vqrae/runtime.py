@@ -772,7 +772,8 @@ class NonFiniteGuard:
     update on the device; ``record`` keeps each step's flag. The flags are read back with the log interval's
     one transfer (or before a checkpoint) and ``settle`` logs them, counts them and raises ``TrainingError``
     once too many come in a row: skipped steps change no weight, so stopping a few steps late loses nothing.
-    A skipped step still counts as a step (data and learning-rate schedule move on), as with a loss scaler.
+    A skipped step still counts as a step and the data move on; so does the learning-rate schedule, except under
+    ZeRO 1-2, whose optimizer sees the non-finite gradients itself and holds the schedule for that step.
 
     Args:
         max_consecutive: skipped steps in a row after which the run stops.
