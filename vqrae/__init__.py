@@ -2,8 +2,9 @@
 import os as _os
 
 # Idle OpenMP threads sleep instead of spinning. On a CPU shared with other jobs, threads spinning while they wait
-# for a descheduled peer made a training step 2-3x slower at the same thread count (docs/benchmarks.md); the thread
-# count, and so every float sum, is unchanged. OpenMP reads this when torch loads it, so it is set before the first
+# for a descheduled peer made a training step 1.8-3.7x slower at the same thread count; on an idle machine sleeping
+# costs up to 1.5x on small steps (docs/benchmarks.md; OMP_WAIT_POLICY=ACTIVE restores spinning). The thread count,
+# and so every float sum, is unchanged. OpenMP reads this when torch loads it, so it is set before the first
 # ``import torch`` of a process that imports this package first (every script does); a user's value wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
