@@ -21,7 +21,10 @@ class QuantizerConfig:
     # "random": SimVQ's frozen N(0, 1/e) base codebook. "kmeans": the frozen base is set once, before the first
     # stage-1 step, to k-means centroids of the projected training features (W stays the identity, so C starts
     # on the data). Helps data whose features are far from Gaussian, where a Gaussian cloud of codes leaves
-    # most codes unused (the shapes demo: ~90 % of its patches are plain background).
+    # most codes unused (the shapes demo: ~90 % of its patches are plain background). "matched": C' stays the
+    # random Gaussian, and W is set once, before the first stage-1 step, so that C = C'W^T has the projected
+    # training features' mean and covariance (``init_codebook_matched``): from the identity the codes are an
+    # isotropic cloud far from the latents and few are ever chosen (docs/codebook_study.md).
     init: str = "random"
     search_chunk: int = 4096  # codes compared per matmul; bounds memory at (tokens x chunk)
     token_chunk: int = 16384  # tokens compared per pass
@@ -91,6 +94,29 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generator 
         reseed = x[torch.randint(0, x.shape[0], (k,), generator=generator, device="cpu").to(x.device)]
         centroids = torch.where(empty[:, None], reseed, sums / counts.clamp_min(1)[:, None].to(x.dtype))
     return centroids
+
+
+@torch.no_grad()
+def matching_map(base: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear map W (e, e) whose image ``base @ W.T`` of the codes base (K, e) has the covariance of the rows
+    of z (M, e), and that image's mean (e,); float64.
+
+    W = Sigma_z^(1/2) Sigma_base^(-1/2) (symmetric roots), with both covariances the samples' own (population
+    form), so the match is exact for this base rather than only in expectation over Gaussian draws. Sigma_z may
+    be singular (latents of D-wide tokens span at most D dimensions of R^e); Sigma_base must not be, hence
+    K > e.
+    """
+    k, e = base.shape
+    if k <= e:
+        raise ValueError(f"a matched codebook needs codebook_size > codebook_dim (a full-rank base), got K={k}, e={e}")
+    base, z = base.double(), z.double()
+
+    def root(cov: torch.Tensor, power: float) -> torch.Tensor:
+        lam, u = torch.linalg.eigh(cov)
+        return (u * lam.clamp_min(0 if power > 0 else 1e-300).pow(power)) @ u.T
+
+    w = root(torch.cov(z.T, correction=0), 0.5) @ root(torch.cov(base.T, correction=0), -0.5)
+    return w, base.mean(0) @ w.T
 
 
 @dataclass
@@ -206,6 +232,29 @@ class SimVQ(nn.Module):
         ``calibrate``; W keeps its value and role."""
         self.set_codebook(kmeans(self.project(features.to(self.feature_mean)), self.codebook_size, iters, generator))
 
+    @torch.no_grad()
+    def init_codebook_matched(self, features: torch.Tensor) -> None:
+        """Start the codebook on the projected ``features`` (M, D), after ``calibrate``: W is set so that the codes
+        C = C'W^T have the latents' covariance (``matching_map``), and the latents are shifted onto the codes'
+        mean. C' is left as it was, so C stays a linear image of a Gaussian, as SimVQ's codebook always is.
+
+        The mean is matched on the encoder side because W has no bias: proj_in's bias (or, when proj_in is the
+        identity, ``feature_mean``) moves by the latents' mean minus the codes' (~0, as C' is centred), which
+        leaves the latents' covariance unchanged.
+        """
+        z = self.project(features.to(self.feature_mean))  # (M, e)
+        w, codes_mean = matching_map(self.base_codebook, z)
+        self.codebook_transform.weight.copy_(w)
+        self._shift_latents(z.double().mean(0) - codes_mean)
+
+    @torch.no_grad()
+    def _shift_latents(self, shift: torch.Tensor) -> None:
+        """Make every latent z = project(x) move by -shift (e,)."""
+        if isinstance(self.proj_in, nn.Linear):
+            self.proj_in.bias.sub_(shift.to(self.proj_in.bias))
+        else:  # z = (x - feature_mean) / feature_std
+            self.feature_mean.add_((self.feature_std.double() * shift).to(self.feature_mean))
+
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         """x (B, N, D) continuous features -> straight-through quantized features and losses (all fp32)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -260,13 +309,24 @@ class VectorQuantizer(SimVQ):
     def set_codebook(self, codes: torch.Tensor) -> None:
         self.embedding.copy_(codes)
 
+    @torch.no_grad()
+    def init_codebook_matched(self, features: torch.Tensor) -> None:
+        """As ``SimVQ.init_codebook_matched``, with the random initial table in the role of C': the table becomes
+        its own linear image with the latents' covariance. From the same seed both kinds start with equal codes."""
+        z = self.project(features.to(self.feature_mean))
+        w, codes_mean = matching_map(self.embedding, z)
+        self.embedding.copy_(self.embedding.double() @ w.T)
+        self._shift_latents(z.double().mean(0) - codes_mean)
+
 
 def build_quantizer(cfg: QuantizerConfig, dim: int) -> SimVQ:
     kinds = {"simvq": SimVQ, "vq": VectorQuantizer}
     if cfg.kind not in kinds:
         raise ValueError(f"quantizer.kind must be one of {sorted(kinds)}, got '{cfg.kind}'")
-    if cfg.init not in ("random", "kmeans"):
-        raise ValueError(f"quantizer.init must be 'random' or 'kmeans', got '{cfg.init}'")
+    if cfg.init not in ("random", "kmeans", "matched"):
+        raise ValueError(f"quantizer.init must be 'random', 'kmeans' or 'matched', got '{cfg.init}'")
+    if cfg.init == "matched" and cfg.codebook_size <= cfg.codebook_dim:
+        raise ValueError(f"quantizer.init 'matched' needs codebook_size > codebook_dim, got {cfg.codebook_size}, {cfg.codebook_dim}")
     if cfg.codebook_size < 2 or cfg.codebook_dim < 1:
         raise ValueError(f"quantizer needs codebook_size >= 2 and codebook_dim >= 1, got {cfg.codebook_size}, {cfg.codebook_dim}")
     return kinds[cfg.kind](dim, cfg.codebook_size, cfg.codebook_dim, cfg.search_chunk, cfg.token_chunk)

@@ -3,7 +3,7 @@
 Stage 1 freezes the encoder and trains the projections, W and the decoder (reconstruction + perceptual + GAN
 + quantizer terms); before its first step the quantizer's input is standardised with feature statistics of
 the training data (``calibrate_quantizer``), and with ``quantizer.init: kmeans`` its codebook starts at
-k-means centroids. Stage 2 (``init_from`` a stage-1 export) also trains the encoder at its own small lr with
+k-means centroids, with ``matched`` W starts where the codes have the features' mean and covariance. Stage 2 (``init_from`` a stage-1 export) also trains the encoder at its own small lr with
 self-distillation to a frozen copy of itself, so its semantics survive. The final (EMA) model is exported to
 ``<output_dir>/model``.
 
@@ -147,8 +147,8 @@ def calibrate_quantizer(model: VQRAE, data_cfg: DataConfig, batch_size: int, ran
     if stats is None:
         raise TrainingError(f"data.source '{data_cfg.source}': no readable image in the first {num_batches} batches")
     model.quantizer.calibrate(*stats.mean_std())
-    if model.cfg.quantizer.init == "kmeans":
-        _kmeans_codebook(model, loader, batch_size, device)
+    if model.cfg.quantizer.init in ("kmeans", "matched"):
+        _data_codebook(model, loader, batch_size, device)
 
 
 def _sample_stats(model: VQRAE, loader, num_batches: int, device) -> Optional[FeatureStats]:
@@ -171,18 +171,22 @@ def _sample_stats(model: VQRAE, loader, num_batches: int, device) -> Optional[Fe
     return merge_stats(parts) if parts else None
 
 
-def _kmeans_codebook(model: VQRAE, loader, batch_size: int, device, min_tokens: int = 65536) -> None:
-    """quantizer.init = kmeans: centroids of this rank's sample of projected features (at least 4 per code and
-    ``min_tokens`` in all), then rank 0's codebook to every rank, so all ranks start from the same model."""
-    k = model.cfg.quantizer.codebook_size
+def _data_codebook(model: VQRAE, loader, batch_size: int, device, min_tokens: int = 65536) -> None:
+    """quantizer.init = kmeans (centroids) or matched (W matching the mean and covariance) of this rank's sample of
+    projected features (at least 4 per code and ``min_tokens`` in all), then rank 0's quantizer to every rank, so
+    all ranks start from the same model."""
+    k, init = model.cfg.quantizer.codebook_size, model.cfg.quantizer.init
     num_batches = min(1024, math.ceil(max(min_tokens, 4 * k) / (batch_size * model.num_tokens)))
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         feats = [model.encoder(b.pixels.to(device)).float().flatten(0, 1)
                  for b in itertools.islice(loader, num_batches) if b.pixels.shape[0]]
         feats = torch.cat(feats)
         if feats.shape[0] < k:
-            raise TrainingError(f"quantizer.init kmeans: {feats.shape[0]} feature tokens sampled, fewer than the {k} codes")
-        model.quantizer.to(device).init_codebook_kmeans(feats, generator=torch.Generator().manual_seed(0))
+            raise TrainingError(f"quantizer.init {init}: {feats.shape[0]} feature tokens sampled, fewer than the {k} codes")
+        if init == "kmeans":
+            model.quantizer.to(device).init_codebook_kmeans(feats, generator=torch.Generator().manual_seed(0))
+        else:
+            model.quantizer.to(device).init_codebook_matched(feats)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for t in model.quantizer.state_dict().values():  # tensors sharing the live storage
             dist.broadcast(t, src=0)

@@ -27,17 +27,23 @@ and when e > D the nearest-code search runs in the (D+1)-dim subspace that holds
 Hypothesis runs (``--variants``, each one run at one (K, e) cell): ``w_lr=<x>`` scales W's lr, ``w_opt=sgd``
 trains W with SGD (momentum 0.9) at that lr, ``p_lr=<x>`` scales the input projection's lr (0 freezes it),
 ``w_init=linear`` replaces the identity W by nn.Linear's default
-init with a bias (the SimVQ reference), ``w_init=matched`` starts W (with a bias) where the codes have the initial
-latents' mean and covariance, ``standardise=0`` skips the feature standardisation, ``z_scale=1``
+init with a bias (the SimVQ reference), ``init=matched`` and ``init=kmeans`` start the codebook with the package's
+``quantizer.init`` of that name (``init_codebook_matched``: W set so that the codes have the latents' mean and
+covariance; ``init_codebook_kmeans``: k-means centroids), fitted to the first ``--init-tokens`` training tokens
+as ``calibrate_quantizer`` does, ``standardise=0`` skips the feature standardisation, ``z_scale=1``
 rescales proj_in at init so that ||z|| matches ||c|| (rather than sqrt(e/3) times larger), ``rank=full`` lifts
 the tokens to full rank e with a fixed random nonlinear map before proj_in. Options combine with '+'.
+(``w_init=matched_v0`` rows in an old ``cells.jsonl`` come from an earlier, study-only form of ``init=matched``:
+a W with a bias, fitted to the population covariance of C'.)
 
 Outputs: ``<out>/cells.jsonl`` (one line per finished run, rerunning skips finished ones), ``<out>/curves.png``
 and the markdown table on stdout.
 
-    python scripts/experiments/codebook_study.py          # CPU default: grid + hypothesis runs, ~50 CPU-minutes
-    python scripts/experiments/codebook_study.py --variants '' --kmeans-tokens 0        # the grid alone
-    python scripts/experiments/codebook_study.py --device cuda --steps 20000 --batch 16384 --train-images 65536 \
+    python scripts/experiments/codebook_study.py          # CPU default: K=4096 grid at e<=768, identity against
+                                                          # matched starts at both K; ~10 min on one core
+    python scripts/experiments/codebook_study.py --full   # both K, e up to 1536, every hypothesis run and the
+                                                          # k-means reference: ~2 CPU-hours on one core
+    python scripts/experiments/codebook_study.py --device cuda --steps 20000 --batch 16384 --train-images 65536 \\
         --heldout 262144 --out outputs/codebook_study_cuda                # paper-scale schedule on one GPU
 """
 from __future__ import annotations
@@ -71,11 +77,15 @@ IMAGE_SIZE, RENDER_SIZE = 48, 60
 # The paper's Table 5 (SimVQ use %, SigLIP2 features): K = 16384 over e; e = 1536 over K.
 PAPER_E = {384: 64, 768: 69, 1152: 83, 1536: 100, 1920: 98}
 PAPER_K = {4096: 100, 8192: 100, 16384: 100, 32768: 96}
-# The hypothesis runs of docs/codebook_study.md: one option changed per run at K=4096, e=256, and the data-matched W
-# at the paper's cell.
+# The default's runs beside its grid: the package's matched start against the identity start at two e and both K.
+STARTS = "4096:256:SimVQ:init=matched;4096:768:SimVQ:init=matched;16384:256:SimVQ:base;16384:256:SimVQ:init=matched"
+# The hypothesis runs of docs/codebook_study.md (--full): one option changed per run at K=4096, e=256, the k-means
+# start (its k-means++ seeding alone takes ~15 min on one core), and the matched start at the paper's cell.
 MECHANISM = ";".join(["4096:256:SimVQ:" + v for v in (
     "w_lr=0", "w_lr=0.1", "w_lr=0.01", "w_opt=sgd+w_lr=1000", "w_init=linear", "standardise=0", "z_scale=1",
-    "rank=full", "p_lr=0", "p_lr=0.1", "w_init=matched")] + ["4096:256:VQ:p_lr=0", "16384:1536:SimVQ:w_init=matched"])
+    "rank=full", "p_lr=0", "p_lr=0.1", "init=kmeans")] + ["4096:256:VQ:p_lr=0", STARTS, "16384:1536:SimVQ:init=matched"])
+FULL = dict(dims="64,256,768,1536", sizes="4096,16384", variants="mechanism", kmeans_tokens=65536)
+QUICK = dict(dims="64,256,768", sizes="4096", variants="starts", kmeans_tokens=0)
 
 
 # -- features -------------------------------------------------------------------------------------------------
@@ -154,8 +164,12 @@ def parse_variant(text: str) -> dict:
         if part == "base":
             continue
         k, _, v = part.partition("=")
-        if k not in ("w_lr", "w_opt", "w_init", "standardise", "z_scale", "rank", "p_lr"):
+        if k not in ("w_lr", "w_opt", "w_init", "init", "standardise", "z_scale", "rank", "p_lr"):
             raise SystemExit(f"error: unknown variant option '{k}'")
+        if (k, v) == ("w_init", "matched"):
+            raise SystemExit("error: w_init=matched is now init=matched (the package's init_codebook_matched)")
+        if k == "init" and v not in ("matched", "kmeans"):
+            raise SystemExit(f"error: init must be matched or kmeans, got '{v}'")
         out[k] = float(v) if k in ("w_lr", "p_lr") else v
     return out
 
@@ -175,7 +189,7 @@ class Lift(nn.Module):
         return torch.cat([x, torch.tanh(x @ self.r.T)], -1)
 
 
-def build(kind: str, k: int, e: int, train: torch.Tensor, variant: dict, seed: int):
+def build(kind: str, k: int, e: int, train: torch.Tensor, variant: dict, seed: int, init_tokens: int = 65536):
     """The quantizer for one run, with the variant applied; returns (quantizer, lift or None)."""
     torch.manual_seed(seed)  # the same projections and starting codebook for every kind and variant
     dim, mean, std = train.shape[1], train.mean(0), train.std(0)
@@ -192,13 +206,13 @@ def build(kind: str, k: int, e: int, train: torch.Tensor, variant: dict, seed: i
         q.calibrate(mean, std)
     if variant.get("w_init") == "linear" and kind == "SimVQ":
         q.codebook_transform = nn.Linear(e, e)  # nn.Linear's default (Kaiming-uniform) init, with a bias
-    if variant.get("w_init") == "matched" and kind == "SimVQ":
-        with torch.no_grad():  # C = C'W^T + b with the mean and covariance of the initial latents (C' ~ N(0, I/e))
-            z = q.project(lift(train[:65536]) if lift is not None else train[:65536]).double()
-            lam, u = torch.linalg.eigh(torch.cov(z.T))
-            q.codebook_transform = nn.Linear(e, e)
-            q.codebook_transform.weight.copy_((u * lam.clamp_min(0).sqrt()) @ u.T * e**0.5)
-            q.codebook_transform.bias.copy_(z.mean(0))
+    if variant.get("init"):  # the package's quantizer.init, on the first training tokens as calibrate_quantizer does
+        with torch.no_grad():
+            sample = lift(train[:init_tokens]) if lift is not None else train[:init_tokens]
+        if variant["init"] == "matched":
+            q.init_codebook_matched(sample)
+        else:
+            q.init_codebook_kmeans(sample, generator=torch.Generator().manual_seed(seed))
     if variant.get("z_scale") == "1":
         with torch.no_grad():  # ||z|| ~ sqrt(e/3) ||c|| at init; shrink proj_in so that they match (||c|| ~ 1)
             z = q.project(lift(train[:4096]) if lift is not None else train[:4096])
@@ -328,7 +342,9 @@ def w_change(q, w0) -> dict:
 def train_run(kind: str, k: int, e: int, variant: dict, feats: dict, args) -> dict:
     train, heldout = feats["train"], feats["heldout"]
     mean, std = train.mean(0), train.std(0)
-    q, lift = build(kind, k, e, train, variant, args.seed)
+    t_init = time.time()
+    q, lift = build(kind, k, e, train, variant, args.seed, args.init_tokens)
+    t_init = time.time() - t_init
     q, train, heldout = q.to(args.device), train.to(args.device), heldout.to(args.device)
     mean, std = mean.to(args.device), std.to(args.device)
     if lift is not None:
@@ -377,7 +393,7 @@ def train_run(kind: str, k: int, e: int, variant: dict, feats: dict, args) -> di
             opt.step()
     final = measure(q, lift, heldout, mean, std, k)
     geo = code_geometry(q, heldout, lift)
-    return dict(final=final, geometry=geo, curve=curve, seconds=time.time() - t0)
+    return dict(final=final, geometry=geo, curve=curve, seconds=time.time() - t0 + t_init, init_seconds=t_init)
 
 
 @torch.no_grad()
@@ -416,8 +432,14 @@ def plot(rows: list, refs: dict, path: str) -> None:
         return
     grid = [r for r in rows if r["variant"] == "base"]
     sizes, dims = sorted({r["K"] for r in grid}), sorted({r["e"] for r in grid})
-    fig, axes = plt.subplots(1, len(sizes) + 2, figsize=(4.6 * (len(sizes) + 2), 4), squeeze=False)
-    axes = axes[0]
+    starts = [r for r in rows if r["variant"].startswith("init=")]
+    panels = len(sizes) + 2 + bool(starts)
+    cols = math.ceil(panels / 2)
+    fig, axes = plt.subplots(2, cols, figsize=(6 * cols, 9), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[panels:]:
+        ax.axis("off")
+    axes = axes[:panels]
     colours = plt.cm.viridis(np.linspace(0, 0.85, max(1, len(dims))))
     for ax, k in zip(axes, sizes):
         for r in grid:
@@ -437,21 +459,35 @@ def plot(rows: list, refs: dict, path: str) -> None:
         for j, (name, ref) in enumerate(refs.get(str(k), {}).items()):
             ax.axhline(ref["use_pct"], color=f"C{i}", lw=0.8, ls=":" if j else "-.", label=f"untrained {name} K={k}")
     for r in rows:
-        if r["variant"] == "w_init=matched":
-            ax.plot(r["e"], r["final"]["use_pct"], "D", color=f"C{sizes.index(r['K'])}" if r["K"] in sizes else "k",
-                    mfc="none", ms=9, label=f"SimVQ, data-matched W, K={r['K']}")
+        if r["variant"] in ("init=matched", "init=kmeans") and r["kind"] == "SimVQ":
+            ax.plot(r["e"], r["final"]["use_pct"], "D" if r["variant"] == "init=matched" else "s",
+                    color=f"C{sizes.index(r['K'])}" if r["K"] in sizes else "k", mfc="none", ms=9,
+                    label=f"SimVQ {r['variant']}, K={r['K']}")
     ax.plot(list(PAPER_E), list(PAPER_E.values()), "k*-", label="paper SimVQ K=16384")
     ax.set(title="final use of all held-out tokens", xlabel="codebook dim e", ylabel="use %", xscale="log", ylim=(0, 101))
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if starts:  # each data-fitted start beside the identity start of its cell
+        ax = axes[len(sizes) + 1]
+        cells = sorted({(r["K"], r["e"]) for r in starts})
+        for r in rows:
+            if r["kind"] == "SimVQ" and (r["K"], r["e"]) in cells and (r["variant"] == "base" or r in starts):
+                ax.plot([p["step"] for p in r["curve"]], [p["heldout_use_pct"] for p in r["curve"]], marker=".",
+                        color=f"C{cells.index((r['K'], r['e']))}",
+                        ls={"base": ":", "init=matched": "-", "init=kmeans": "--"}.get(r["variant"], "-."),
+                        label=f"{r['variant']} (K={r['K']}, e={r['e']})")
+        ax.set(title="SimVQ: identity (base) against data-fitted starts", xlabel="step", ylabel="use % (curve subset)",
+               ylim=(0, 101))
+        ax.legend(fontsize=6)
     ax = axes[-1]
-    for i, r in enumerate(r for r in rows if r["variant"] != "base" or (r["kind"] == "SimVQ" and r["e"] == 256 and r["K"] == 4096)):
+    for i, r in enumerate(r for r in rows if r not in starts and (r["variant"] != "base" or (
+            r["kind"] == "SimVQ" and r["e"] == 256 and r["K"] == 4096))):
         ax.plot([p["step"] for p in r["curve"]], [p["heldout_use_pct"] for p in r["curve"]], marker=".",
-                color=plt.cm.tab10(i % 10), ls="-" if r["kind"] == "SimVQ" else "--",
+                color=plt.cm.tab20(i % 20), ls="-" if r["kind"] == "SimVQ" else "--",
                 label=f"{r['kind']} {r['variant']} (K={r['K']}, e={r['e']})")
-    ax.set(title="hypothesis runs", xlabel="step", ylabel="use % (curve subset)", ylim=(0, 101))
+    ax.set(title="hypothesis runs (K=4096, e=256)", xlabel="step", ylabel="use % (curve subset)", ylim=(0, 101))
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     print(f"plot written to {path}")
 
 
@@ -475,12 +511,18 @@ def table(rows: list, refs: dict, heldout: int) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dims", default="64,256,768,1536", help="codebook dimensions e of the grid")
-    p.add_argument("--sizes", default="4096,16384", help="codebook sizes K of the grid")
+    p.add_argument("--full", action="store_true", help="the whole study of docs/codebook_study.md: defaults "
+                   + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in FULL.items()) + " (instead of "
+                   + ", ".join(f"{v}" for v in QUICK.values()) + ")")
+    p.add_argument("--dims", default=None, help=f"codebook dimensions e of the grid (default {QUICK['dims']})")
+    p.add_argument("--sizes", default=None, help=f"codebook sizes K of the grid (default {QUICK['sizes']})")
     p.add_argument("--kinds", default="SimVQ,VQ")
-    p.add_argument("--variants", default="mechanism", help="hypothesis runs, ';'-separated, each "
-                   "'K:e:kind:opt=v+opt=v' (see the docstring), e.g. '16384:1536:SimVQ:w_lr=0.01'; 'mechanism' (the "
-                   "default) is the set in docs/codebook_study.md, '' none")
+    p.add_argument("--variants", default=None, help="hypothesis runs, ';'-separated, each "
+                   "'K:e:kind:opt=v+opt=v' (see the docstring), e.g. '16384:1536:SimVQ:w_lr=0.01'; 'starts' (the "
+                   "default) matched against identity starts at K=4096, e=256 and 768 and at K=16384, e=256; "
+                   "'mechanism' (--full) every run in docs/codebook_study.md; '' none")
+    p.add_argument("--init-tokens", type=int, default=65536, help="training tokens the init=matched/kmeans starts "
+                   "are fitted to (calibrate_quantizer's minimum)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     p.add_argument("--batch", type=int, default=1024, help="tokens per step (the demo tokenizer's 32 images x 36 = 1152)")
     p.add_argument("--lr", type=float, default=4e-4, help="peak AdamW lr (the paper's)")
@@ -494,12 +536,15 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/codebook_study")
     p.add_argument("--plot", default=None, help="PNG of the curves (default <out>/curves.png)")
-    p.add_argument("--kmeans-tokens", type=int, default=65536, help="training tokens for the k-means reference "
-                   "codebook (0: skip it)")
+    p.add_argument("--kmeans-tokens", type=int, default=None, help="training tokens for the k-means reference "
+                   f"codebook (0: skip it; default {QUICK['kmeans_tokens']}, --full {FULL['kmeans_tokens']})")
     p.add_argument("--kmeans-max-k", type=int, default=4096, help="k-means reference only up to this K (its "
                    "k-means++ seeding is K sequential steps: ~9 CPU-minutes at K=4096)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    for key, value in (FULL if args.full else QUICK).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
     check_step_matches_module()
@@ -512,9 +557,11 @@ def main(argv=None) -> None:
           f"D={feats['train'].shape[1]}, effective dim {feats['participation']:.1f} ({time.time() - start:.0f}s)", flush=True)
     ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
     runs = [(k, e, kind, "base") for k in ints(args.sizes) for e in ints(args.dims) for kind in args.kinds.split(",")]
-    for spec in filter(None, (MECHANISM if args.variants == "mechanism" else args.variants).split(";")):
+    named = {"mechanism": MECHANISM, "starts": STARTS}
+    for spec in filter(None, named.get(args.variants, args.variants).split(";")):
         k, e, kind, var = spec.split(":")
-        runs.append((int(k), int(e), kind, var))
+        if (int(k), int(e), kind, var) not in runs:
+            runs.append((int(k), int(e), kind, var))
     log_path = os.path.join(args.out, "cells.jsonl")
     setting = dict(steps=args.steps, batch=args.batch, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
                    seed=args.seed, heldout=feats["heldout"].shape[0], curve_tokens=args.curve_tokens)
@@ -522,7 +569,9 @@ def main(argv=None) -> None:
     if os.path.isfile(log_path):
         for line in open(log_path):
             r = json.loads(line)
-            if r["setting"] == setting:
+            # a data-fitted start counts as done only if fitted to as many tokens as asked for now
+            fitted = any(part.startswith("init=") for part in r["variant"].split("+"))
+            if r["setting"] == setting and (not fitted or r.get("init_tokens") == args.init_tokens):
                 done[(r["K"], r["e"], r["kind"], r["variant"])] = r
     ref_path = os.path.join(args.out, "references.json")
     refs = json.load(open(ref_path)) if os.path.isfile(ref_path) else {}
@@ -539,7 +588,7 @@ def main(argv=None) -> None:
     rows = []
     for k, e, kind, var in runs:
         if (k, e, kind, var) not in done:
-            r = dict(K=k, e=e, kind=kind, variant=var, setting=setting,
+            r = dict(K=k, e=e, kind=kind, variant=var, setting=setting, init_tokens=args.init_tokens,
                      **train_run(kind, k, e, parse_variant(var), feats, args))
             with open(log_path, "a") as f:
                 f.write(json.dumps(r) + "\n")
