@@ -377,11 +377,10 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module, skipped: Optional[torch.Tensor] = None) -> None:
         """One step of the average; none (on the device, without a host read) when ``skipped`` is 1."""
-        weight = 1.0 - self.decay
+        weight = 1.0 - self.decay if skipped is None else (1.0 - skipped) * (1.0 - self.decay)
         for n, p in module.named_parameters():
             if n in self.shadow:
-                w = weight if skipped is None else (1.0 - skipped.to(p.device)) * weight
-                self.shadow[n].lerp_(p.detach().float(), w)
+                self.shadow[n].lerp_(p.detach().float(), weight)
 
     def state_dict_for(self, module: nn.Module) -> Dict[str, torch.Tensor]:
         """The module's full state dict with EMA values substituted for the averaged parameters."""
