@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vqrae import VQRAE
 from vqrae.data import ResumableSampler, SampleKey
+from vqrae.elastic import ignore_stop_signals
 from vqrae.runtime import NonFiniteGuard, TrainingError, all_reduce_sum
 
 from .codes import open_codes
@@ -200,7 +201,7 @@ class _Collate:
     def __call__(self, items) -> tuple[Batch, dict]:
         last = items[-1][1]
         batch = collate([ex for ex, _ in items], self.pad_id, self.max_length)
-        return batch, {"epoch": last.epoch, "position": last.position}
+        return batch, last.state()
 
 
 class TaskLoader:
@@ -229,6 +230,7 @@ class TaskLoader:
         self.loader = DataLoader(
             _Keyed(rows), batch_sampler=self.sampler, collate_fn=_Collate(pad_id, max_length),
             num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+            worker_init_fn=ignore_stop_signals,
         )
         self._iter = None
         self._state = self.sampler.state_dict()
@@ -248,7 +250,12 @@ class TaskLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
-        self._state, self._iter = dict(state), None
+        self._state, self._iter = self.sampler.state_dict(), None
+
+    def resume(self, states: list[dict]) -> None:
+        """Continue the run whose ranks saved ``states`` (in rank order; any number of ranks)."""
+        self.sampler.resume(states)
+        self._state, self._iter = self.sampler.state_dict(), None
 
 
 def make_loaders(cfg: MLLMDataConfig, model: UnifiedModel, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -22,10 +22,11 @@ import torch
 from vqrae import VQRAE
 from vqrae.config import ConfigError, save_yaml
 from vqrae.model import CONFIG_NAME as VQRAE_CONFIG, WEIGHTS_NAME as VQRAE_WEIGHTS
+from vqrae.elastic import Preempted, StopSignals
 from vqrae.runtime import (
     COMPUTE_DTYPES, EmptyBatches, NonFiniteGuard, OptimConfig, RunConfig, RunLogger, TrainingError, autocast, barrier,
     check_run_config, deepspeed_config, due, finish, first_line, gather, grad_norm_before_step, guarded_optimizer,
-    load_engine_checkpoint, make_optimizer, make_scheduler, param_groups, restore, save_checkpoint, session,
+    load_engine, make_optimizer, make_scheduler, param_groups, restore, resumed_line, save_checkpoint, session,
 )
 
 from .codes import CODES_MANIFEST, place_vqrae
@@ -216,7 +217,7 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
 
     check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # the launcher exports WORLD_SIZE to every rank
     run, optim, data = cfg.run, cfg.optim, cfg.data
-    with session(run, resume) as s:
+    with session(run, resume) as s, StopSignals() as stop:
         device = s.device
         ds_cfg = deepspeed_config(run, optim, s.world)
         zero_stage = ds_cfg["zero_optimization"]["stage"]
@@ -249,19 +250,16 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
         data_stats: Counter = Counter()
         step = micro = 0
         if s.resume_dir:  # every file through torch.load(weights_only=True): a checkpoint never runs code
-            load_engine_checkpoint(engine, s.resume_dir, "mllm", load_module_strict=False)  # frozen weights: the build's
+            load_engine(s, engine, "mllm", strict=False)  # frozen weights: the build's
         state = restore(s, run.seed)
         if state is not None:
-            ranks = len(state["loaders"])
-            if ranks != s.world:
-                raise TrainingError(f"{s.resume_dir} was written by {ranks} ranks; resume with the same number "
-                                    f"({s.world} now)")
             step, micro, guard.total = state["step"], state["micro_step"], state["nonfinite"]
             guard.consecutive = state.get("nonfinite_in_a_row", 0)
             for task, loader in loaders.items():
-                if task in state["loaders"][s.rank]:  # a task the earlier run did not train starts at its beginning
-                    loader.load_state_dict(state["loaders"][s.rank][task])
-            data_stats.update(state["data_stats"][s.rank])
+                if task in state["loaders"][0]:  # a task the earlier run did not train starts at its beginning
+                    loader.resume([ranks[task] for ranks in state["loaders"]])  # any number of ranks continues it
+            if s.rank < len(state["data_stats"]):
+                data_stats.update(state["data_stats"][s.rank])
         last_ckpt = s.resume_dir
 
         logger = RunLogger(run.output_dir, run.steps, step, s.main, run.tensorboard, run.progress_bar)
@@ -271,7 +269,9 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
             stage = "projector only" if cfg.model.freeze_llm else "LoRA" if cfg.model.lora.enabled else "full"
             logger.info(f"{stage}: {n_train / 1e6:.2f}M trainable parameters, tasks {sorted(loaders)} at generation "
                         f"ratio {data.task_ratio}, world {s.world}, global batch {run.batch_size}, zero {zero_stage}, "
-                        f"{run.precision}" + (f", resumed from {s.resume_dir} at step {step}" if s.resume_dir else ""))
+                        f"{run.precision}")
+            if s.resume_dir:
+                logger.info(resumed_line(s, step))
 
         def write(folder: str) -> None:
             engine.save_checkpoint(folder, tag="mllm", exclude_frozen_parameters=True)
@@ -313,6 +313,13 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
             save_wanted = save_wanted or due(step, run.save_every, run.steps)
             if save_wanted and (guard.clear_to_save(step, last_ckpt, logger.info) or step == run.steps):
                 last_ckpt, save_wanted = save_checkpoint(s, step, last_ckpt, write), False
+            if step < run.steps and stop.agreed():  # pre-empted: this step's checkpoint, then out
+                guard.read(last_ckpt, logger.info)
+                if not last_ckpt or not last_ckpt.endswith(f"step_{step:08d}"):
+                    last_ckpt = save_checkpoint(s, step, last_ckpt, write)
+                logger.info(f"stopping: {stop.name()} at step {step}; checkpoint {last_ckpt}")
+                logger.close()
+                raise Preempted(stop.name(), step, last_ckpt)
 
         guard.read(last_ckpt, logger.info)
         dropped = {k: v for k, v in data_stats.items() if k != "ok" and v}

@@ -200,7 +200,7 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint(run_copy, assets, caplog,
     assert code == 0, capfd.readouterr().err
     log = log_lines(caplog)
     assert f"warning: skipping damaged checkpoint {newest} ({reason}); trying an older one" in log
-    assert any(f"resumed from {older} at step 2" in line for line in log), log
+    assert any(f"resumed from step 2 on 1 ranks (checkpoint written by 1): {older}" in line for line in log), log
     assert damage(newest) is None  # written again by the resumed run
 
 

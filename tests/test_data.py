@@ -149,7 +149,7 @@ def test_loader_counts_every_kind_with_workers(odd_folder, tmp_path):
         assert batch.data_stats == want  # counted in the workers, delivered with the batch
         assert batch.pixels.shape == (sum(want[s] for s in GOOD), 3, 16, 16)
         assert batch.pixels.min() >= -1 and batch.pixels.max() <= 1
-        assert batch.sampler_state == {"epoch": 0, "position": 1}
+        assert batch.sampler_state == {"epoch": 0, "rows": len(ODD)}
         pixels.append(batch.pixels)
     assert torch.equal(*pixels)  # same crops whatever the number of workers
 
@@ -224,9 +224,9 @@ def test_sampler_resume_mid_epoch_matches_uninterrupted():
     ref = ResumableSampler(50, 1, 2, seed=3, batch_size=4)  # 6 batches per epoch
     uninterrupted = [b for _ in range(3) for b in ref]
     assert [b[0].epoch for b in uninterrupted] == [0] * 6 + [1] * 6 + [2] * 6
-    assert uninterrupted[0][0].position == 1 and uninterrupted[5][0].position == 6
+    assert uninterrupted[0][0].position == 8 and uninterrupted[5][0].position == 48  # rows of all ranks
     for cut in (4, 6, 9):
-        state = {"epoch": uninterrupted[cut - 1][0].epoch, "position": uninterrupted[cut - 1][0].position}
+        state = uninterrupted[cut - 1][0].state()
         resumed = ResumableSampler(50, 1, 2, seed=3, batch_size=4)
         resumed.load_state_dict(state)
         again = [b for _ in range(3) for b in resumed][: len(uninterrupted) - cut]
@@ -235,7 +235,37 @@ def test_sampler_resume_mid_epoch_matches_uninterrupted():
     s = ResumableSampler(50, 1, 2, seed=3, batch_size=4)
     it = iter(s)
     next(it), next(it)
-    assert s.state_dict() == {"epoch": 0, "position": 2}
+    assert s.state_dict() == {"epoch": 0, "rows": 16}
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 3), (3, 2)])
+def test_sampler_resumed_on_another_number_of_ranks_sees_each_row_of_the_epoch_once(before, after):
+    n, b, seed = 61, 2, 5
+    old = [ResumableSampler(n, r, before, seed, b) for r in range(before)]
+    its = [iter(s) for s in old]
+    seen = [k.index for _ in range(3) for it in its for k in next(it)]  # 3 batches on every rank, then a stop
+    states = [s.state_dict() for s in old]
+    assert len({tuple(sorted(st.items())) for st in states}) == 1 and states[0]["rows"] == 3 * b * before
+    new = [ResumableSampler(n, r, after, seed, b) for r in range(after)]
+    for s in new:
+        s.resume(states)
+    rest = [[k for batch in s for k in batch] for s in new]  # the rest of the epoch on each new rank
+    assert {k.epoch for r in rest for k in r} == {0}
+    rows = seen + [k.index for r in rest for k in r]
+    assert len(rows) == len(set(rows)), "a row of the epoch was seen twice"
+    # every row is seen, but for the incomplete batch the new ranks drop at the end of the epoch
+    assert n - len(rows) == (n - 3 * b * before) % (b * after)
+    assert set(rows) == set(old[0].epoch_order(0)[: len(rows)])  # the epoch's permutation, in its order
+
+
+def test_sampler_reads_a_state_saved_in_batches_per_rank():
+    s = ResumableSampler(50, 0, 1, seed=3, batch_size=4)
+    s.load_state_dict({"epoch": 1, "position": 3}, world_size=2)  # 3 batches of 4 on each of 2 ranks
+    assert s.state_dict() == {"epoch": 1, "rows": 24}
+    with pytest.raises(ValueError, match="different data positions"):
+        s.resume([{"epoch": 0, "rows": 8}, {"epoch": 0, "rows": 16}])
+    with pytest.raises(ValueError, match="outside an epoch"):
+        s.load_state_dict({"epoch": 0, "rows": 51})
 
 
 def test_loader_resume_with_prefetching_workers(tmp_path):

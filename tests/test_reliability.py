@@ -188,7 +188,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_resume_reproduces(si
     monkeypatch.setattr(torch, "save", real_save)
     caplog.clear()
     assert run_script("train_tokenizer.py", [*argv, f"run.output_dir={out}", "--resume", "auto"]) == 0
-    assert any(f"resumed from {previous} at step 2" in line for line in log_lines(caplog))
+    assert any(f"resumed from step 2 on 1 ranks (checkpoint written by 1): {previous}" in line for line in log_lines(caplog))
     assert not os.path.exists(partial)
     for name in ("model/model.safetensors", "ema.safetensors"):
         a = load_file(os.path.join(ref, "checkpoints", "step_00000004", name))
@@ -299,7 +299,7 @@ def test_sigkill_at_random_steps_then_resume_equals_an_uninterrupted_run(single_
     run = launch([*argv, f"run.output_dir={out}", "--resume", "auto"])
     log = KillAtStep(run, second).log()
     assert "done:" not in log
-    assert (f"resumed from {resumed_from} at step {start}" in log) if resumed_from else "resumed" not in log
+    assert (f"resumed from step {start} on 1 ranks (checkpoint written by 1): {resumed_from}" in log) if resumed_from else "resumed" not in log
     assert group_gone(run.pid)
 
     # the last stretch in this process: a launched rank runs this same code, and it saves a launcher start

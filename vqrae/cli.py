@@ -11,6 +11,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from .config import ConfigError, load_config
+from .elastic import PREEMPTED_EXIT, Preempted
 from .runtime import TrainingError
 
 
@@ -38,9 +39,13 @@ USER_ERRORS = (ValueError, OSError, TrainingError)  # ConfigError and UsageError
 
 
 def main(run: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> int:
-    """``run(argv)``; a user-fixable failure prints ``error: <one line>`` and gives exit code 2, else 0."""
+    """``run(argv)``; a user-fixable failure prints ``error: <one line>`` and gives exit code 2, a run stopped by a
+    pre-emption signal after its checkpoint ``stopped: <one line>`` and ``PREEMPTED_EXIT`` (75), else 0."""
     try:
         run(argv)
+    except Preempted as e:  # a checkpoint was written: the scheduler may requeue the job
+        print(f"stopped: {one_line(e)}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -155,7 +155,12 @@ def transform(
 class SampleKey(NamedTuple):
     index: int  # row number in the source (streaming: in this rank's stream of the epoch)
     epoch: int
-    position: int  # batches of the epoch done once this row's batch is consumed
+    position: int  # where the sampler resumes once this row's batch is consumed, in the sampler's unit
+    unit: str = "position"  # the name of that unit in the sampler's state: "rows" (map-style) or "position"
+
+    def state(self) -> dict:
+        """The sampler state to save once this row's batch is consumed."""
+        return {"epoch": self.epoch, self.unit: self.position}
 
 
 def _image_column(features: datasets.Features | None, cfg: DataConfig) -> str:
@@ -175,7 +180,7 @@ def _is_empty(value: Any) -> bool:
 
 def _item(row: dict, key: SampleKey, track: bool, cfg: DataConfig, image_column: str) -> dict:
     item: dict[str, Any] = {"index": key.index}
-    item["sampler_state"] = {"epoch": key.epoch, "position": key.position} if track else None
+    item["sampler_state"] = key.state() if track else None
     for col in cfg.text_columns:
         value = row.get(col)
         if _is_empty(value):
@@ -241,30 +246,21 @@ def collate_images(items: list[dict]) -> ImageBatch:
     )
 
 
-class _Position:
-    """``position`` batches of ``epoch`` handed out; ``load_state_dict`` makes iteration continue there."""
-
-    epoch: int = 0
-    position: int = 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
-class ResumableSampler(_Position, Sampler):
-    """Batches of ``SampleKey``: a permutation per epoch from ``seed + epoch``, split across ranks.
+class ResumableSampler(Sampler):
+    """Batches of ``SampleKey``: a permutation per epoch from ``seed + epoch``, dealt to the ranks.
 
     Args:
         num_items: rows in the source.
         rank: this process's rank.
-        world_size: number of processes; each gets ``num_items // world_size`` rows an epoch, disjoint.
+        world_size: number of processes.
         seed: shared by all ranks.
-        batch_size: rows per batch on this rank; an incomplete last batch is dropped so all ranks
-            take the same number of steps.
+        batch_size: rows per batch on this rank.
 
+    Each batch of all ranks together takes the next ``batch_size * world_size`` rows of the epoch's permutation,
+    rank r every world_size-th of them from the r-th; an epoch ends when fewer are left (they are dropped, so all
+    ranks take the same number of steps). The state is the epoch and the rows of its permutation consumed by all
+    ranks together (``rows``), the same on every rank and independent of the number of ranks: a run resumed on
+    another number of ranks continues with the next unconsumed row, none seen twice and none skipped.
     Iterating yields the rest of the current epoch; the next iteration starts the next epoch.
     """
 
@@ -273,30 +269,51 @@ class ResumableSampler(_Position, Sampler):
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.num_items, self.rank, self.world_size = num_items, rank, world_size
         self.seed, self.batch_size = seed, batch_size
-        self.per_rank = num_items // world_size
-        self.num_batches = self.per_rank // batch_size
+        self.step_rows = batch_size * world_size  # rows one batch of every rank takes
+        self.num_batches = num_items // self.step_rows  # batches per rank in a whole epoch
         if self.num_batches == 0:
             raise ValueError(f"{num_items} rows over {world_size} ranks do not fill one batch of {batch_size}")
+        self.epoch, self.rows = 0, 0
 
     def __len__(self) -> int:
         return self.num_batches
 
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "rows": self.rows}
+
+    def load_state_dict(self, state: dict, world_size: int | None = None) -> None:
+        """Continue where ``state`` says; a state from before ``rows`` (``position``: batches per rank) needs the
+        ``world_size`` that wrote it (default: this one)."""
+        rows = state.get("rows")
+        if rows is None:
+            rows = int(state["position"]) * self.batch_size * (world_size or self.world_size)
+        if not 0 <= int(rows) <= self.num_items:
+            raise ValueError(f"sampler state {state} lies outside an epoch of {self.num_items} rows")
+        self.epoch, self.rows = int(state["epoch"]), int(rows)
+
+    def resume(self, states: list[dict]) -> None:
+        """Continue the run whose ranks saved ``states`` (in rank order; any number of ranks)."""
+        positions = {(int(s["epoch"]), s.get("rows", s.get("position"))) for s in states}
+        if len(positions) != 1:
+            raise ValueError(f"the saved ranks stopped at different data positions: {sorted(positions)}")
+        self.load_state_dict(states[0], len(states))
+
     def epoch_order(self, epoch: int) -> list[int]:
-        """This rank's rows for ``epoch``, in order."""
-        perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return perm[: self.per_rank * self.world_size][self.rank :: self.world_size].tolist()
+        """The whole permutation of ``epoch``, shared by all ranks."""
+        return torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        if self.position >= self.num_batches:
-            self.epoch, self.position = self.epoch + 1, 0
-        epoch, order, b = self.epoch, self.epoch_order(self.epoch), self.batch_size
-        while self.position < self.num_batches:
-            p = self.position
-            self.position += 1
-            yield [SampleKey(i, epoch, p + 1) for i in order[p * b : (p + 1) * b]]
+        if self.num_items - self.rows < self.step_rows:
+            self.epoch, self.rows = self.epoch + 1, 0
+        epoch, order = self.epoch, self.epoch_order(self.epoch)
+        while self.num_items - self.rows >= self.step_rows:
+            start = self.rows
+            self.rows += self.step_rows
+            yield [SampleKey(i, epoch, self.rows, "rows")
+                   for i in order[start + self.rank : start + self.step_rows : self.world_size]]
 
 
-class StreamingRows(_Position, IterableDataset):
+class StreamingRows(IterableDataset):
     """Endless rows of a streamed source, split by rank, in chunks of one batch, resumable.
 
     Args:
@@ -309,13 +326,31 @@ class StreamingRows(_Position, IterableDataset):
     Each DataLoader worker reads the whole stream of this rank and keeps every ``num_workers``-th chunk,
     matching the loader's round-robin over workers, so the batch order does not depend on the number of
     workers and a resume skips exactly the chunks already consumed. An incomplete last chunk of an epoch
-    is dropped; each epoch reshuffles with ``seed + epoch``.
+    is dropped; each epoch reshuffles with ``seed + epoch``. The state is the epoch and the chunks of this rank's
+    stream handed out (``position``). A stream split among another number of ranks is another split, so a run
+    resumed on another number of ranks starts the next epoch (``resume``): the rest of the interrupted epoch is
+    skipped, no row is seen twice within an epoch.
     """
 
     def __init__(self, rows: datasets.IterableDataset, cfg: DataConfig, rank: int, world_size: int, batch_size: int):
         self.image_column = _image_column(rows.features, cfg)
         self.source, self.rank, self.world_size = rows, rank, world_size
         self.cfg, self.batch_size = cfg, batch_size
+        self.epoch, self.position = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def resume(self, states: list[dict]) -> None:
+        """Continue the run whose ranks saved ``states`` (in rank order): this rank's own state on the same number
+        of ranks, else the start of the epoch after the last one any rank had begun."""
+        if len(states) == self.world_size:
+            self.load_state_dict(states[self.rank])
+        else:
+            self.epoch, self.position = max(int(s["epoch"]) for s in states) + 1, 0
 
     def epoch_rows(self, epoch: int) -> datasets.IterableDataset:
         """This rank's rows of ``epoch``, shuffled with ``seed + epoch``. A new dataset per epoch and per worker,
@@ -456,7 +491,10 @@ def build_dataloader(
     A map-style loader runs one epoch per iteration; a streaming one never ends.
     """
     rows = open_source(cfg, cache_dir)
-    common = dict(num_workers=cfg.num_workers, collate_fn=collate_images, pin_memory=pin_memory)
+    from .elastic import ignore_stop_signals  # the rank answers a pre-emption signal, not its loader's workers
+
+    common = dict(num_workers=cfg.num_workers, collate_fn=collate_images, pin_memory=pin_memory,
+                  worker_init_fn=ignore_stop_signals)
     if isinstance(rows, datasets.IterableDataset):
         stream = StreamingRows(rows, cfg, rank, world_size, batch_size)
         return DataLoader(stream, batch_size=batch_size, **common), stream

@@ -161,9 +161,14 @@ def check_run_config(run: RunConfig, optim: OptimConfig, world_size: int) -> Non
             raise TrainingError(f"run.{name} must be >= 1, got {getattr(run, name)}")
     per_step = run.micro_batch_size * world_size
     if run.batch_size % per_step:
+        from .elastic import world_sizes
+
+        counts = world_sizes(run.batch_size, run.micro_batch_size, limit=4096)
+        fits = (f"rank counts that keep it: {', '.join(map(str, counts[:24]))}{' ...' if len(counts) > 24 else ''}"
+                if counts else f"it must be a multiple of micro_batch_size {run.micro_batch_size}")
         raise TrainingError(
             f"run.batch_size {run.batch_size} is not divisible by micro_batch_size {run.micro_batch_size} x "
-            f"{world_size} ranks"
+            f"{world_size} ranks; {fits}"
         )
     if run.precision not in ("bf16", "fp32"):
         raise TrainingError(f"run.precision must be 'bf16' or 'fp32', got '{run.precision}'")
@@ -968,6 +973,7 @@ class Session:
     device: torch.device
     ckpt: Checkpointer
     resume_dir: Optional[str]  # None: a fresh run
+    saved_world: int = 0  # ranks that wrote resume_dir (0: a fresh run)
 
     @property
     def main(self) -> bool:
@@ -984,21 +990,47 @@ def session(run: RunConfig, resume: Optional[str]):
     os.makedirs(run.output_dir, exist_ok=True)
     take_run_lock(run.output_dir, rank)
     try:
+        from .elastic import saved_world  # elastic builds on this module
+
         ckpt = Checkpointer(run.output_dir, run.keep_last, rank)
-        yield Session(rank, world, device, ckpt, ckpt.resolve(resume))
+        resume_dir = ckpt.resolve(resume)
+        yield Session(rank, world, device, ckpt, resume_dir, saved_world(resume_dir) if resume_dir else 0)
     finally:
         release_run_lock(run.output_dir)
 
 
 def restore(s: Session, seed: int) -> Optional[dict]:
-    """The trainer state (``trainer.pt``) of the checkpoint ``s`` resumes from, with this rank's RNG restored;
-    for a fresh run None, with the RNG seeded per rank (data augmentation, dropout)."""
+    """The trainer state (``trainer.pt``) of the checkpoint ``s`` resumes from, with this rank's RNG restored (on
+    another number of ranks: seeded from the run's seed, the step and the rank); for a fresh run None, with the
+    RNG seeded per rank (data augmentation, dropout)."""
     if not s.resume_dir:
         seed_everything(seed + s.rank)
         return None
     state = safe_load(os.path.join(s.resume_dir, "trainer.pt"))  # tensors and plain data only: never code
-    set_rng_state(safe_load(os.path.join(s.resume_dir, f"rng_rank{s.rank}.pt")))
+    if s.saved_world == s.world:
+        set_rng_state(safe_load(os.path.join(s.resume_dir, f"rng_rank{s.rank}.pt")))
+    else:
+        from .elastic import rank_seed
+
+        seed_everything(rank_seed(seed, int(state["step"]), s.rank))
     return state
+
+
+def load_engine(s: Session, engine, tag: str, strict: bool = True) -> None:
+    """Load engine checkpoint ``tag`` of the checkpoint ``s`` resumes from, written by this or another number of
+    ranks (``elastic.load_resharded``)."""
+    if s.saved_world == s.world:
+        load_engine_checkpoint(engine, s.resume_dir, tag, strict)
+    else:
+        from .elastic import load_resharded
+
+        load_resharded(engine, s.resume_dir, tag, strict, s.rank)
+
+
+def resumed_line(s: Session, step: int) -> str:
+    """How the log names a resumed run."""
+    return (f"resumed from step {step} on {s.world} ranks (checkpoint written by {s.saved_world}): {s.resume_dir}"
+            if s.resume_dir else "")
 
 
 def save_checkpoint(s: Session, step: int, last: Optional[str], write: Callable[[str], None]) -> str:

@@ -36,11 +36,12 @@ from .losses import (
 )
 from .metrics import CodebookUsage, usage_stats
 from .model import VQRAE, VQRAEConfig, VQRAEOutput
+from .elastic import Preempted, StopSignals
 from .quantizer import FeatureStats, check_finite_features
 from .runtime import (
     EMA, EmptyBatches, NonFiniteGuard, OptimConfig, RunConfig, RunLogger, TrainingError, all_reduce_sum, autocast,
     check_run_config, deepspeed_config, due, finish, first_line, gather, grad_norm_before_step, guarded_optimizer,
-    load_engine_checkpoint, make_optimizer, make_scheduler, param_groups, restore, save_checkpoint, session,
+    load_engine, make_optimizer, make_scheduler, param_groups, restore, resumed_line, save_checkpoint, session,
 )
 
 
@@ -320,7 +321,7 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
 
     check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # the launcher exports WORLD_SIZE to every rank
     run, optim, loss_cfg = cfg.run, cfg.optim, cfg.loss
-    with session(run, resume) as s:
+    with session(run, resume) as s, StopSignals() as stop:
         device = s.device
         # -- model, optimizers, losses ---------------------------------------------------------------------------
         model = build_vqrae(cfg)
@@ -360,18 +361,19 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
         data_state = sampler.state_dict()
         step = 0
         if s.resume_dir:  # every file through torch.load(weights_only=True): a checkpoint never runs code
-            load_engine_checkpoint(engine, s.resume_dir, "generator")
+            load_engine(s, engine, "generator")
             if disc_engine is not None:
-                load_engine_checkpoint(disc_engine, s.resume_dir, "discriminator")
+                load_engine(s, disc_engine, "discriminator")
             if ema is not None:
                 from safetensors.torch import load_file
 
                 ema.load_state_dict(load_file(os.path.join(s.resume_dir, "ema.safetensors")))
         state = restore(s, run.seed)
         if state is not None:
-            step, data_state, guard.total = state["step"], state["sampler"][s.rank], state["nonfinite"]
+            step, guard.total = state["step"], state["nonfinite"]
             guard.consecutive = state.get("nonfinite_in_a_row", 0)
-            sampler.load_state_dict(data_state)
+            sampler.resume(state["sampler"])  # every rank's position: any number of ranks continues it
+            data_state = sampler.state_dict()
             usage.load_state_dict(state["usage"])
             data_stats = dict(state["data_stats"])
         last_ckpt = s.resume_dir
@@ -382,8 +384,9 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
                       os.path.join(run.output_dir, "train_config.yaml"))
             n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
             logger.info(f"stage {cfg.stage}: {n_train / 1e6:.2f}M trainable parameters, world {s.world}, "
-                        f"global batch {run.batch_size}, zero {zero_stage}, {run.precision}"
-                        + (f", resumed from {s.resume_dir} at step {step}" if s.resume_dir else ""))
+                        f"global batch {run.batch_size}, zero {zero_stage}, {run.precision}")
+            if s.resume_dir:
+                logger.info(resumed_line(s, step))
 
         def write(folder: str) -> None:
             engine.save_checkpoint(folder, tag="generator")
@@ -456,6 +459,13 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
             save_wanted = save_wanted or due(step, run.save_every, run.steps)
             if save_wanted and (guard.clear_to_save(step, last_ckpt, logger.info) or step == run.steps):
                 last_ckpt, save_wanted = save_checkpoint(s, step, last_ckpt, write), False
+            if step < run.steps and stop.agreed():  # pre-empted: this step's checkpoint, then out
+                guard.read(last_ckpt, logger.info)
+                if not last_ckpt or not last_ckpt.endswith(f"step_{step:08d}"):
+                    last_ckpt = save_checkpoint(s, step, last_ckpt, write)
+                logger.info(f"stopping: {stop.name()} at step {step}; checkpoint {last_ckpt}")
+                logger.close()
+                raise Preempted(stop.name(), step, last_ckpt)
 
         guard.read(last_ckpt, logger.info)
         bad = {k: v for k, v in data_stats.items() if k != "ok" and v}

@@ -1,0 +1,111 @@
+"""One launch of several training runs, for the tests of resuming on another number of ranks.
+
+    deepspeed --num_gpus N tests/elastic_worker.py PLAN.json
+
+``PLAN.json`` lists runs (``kind``: tokenizer or mllm, ``config``, ``overrides``, ``resume``, ``stop_after``,
+``record``); they run one after the other in this launch's process group, each through the trainers' own
+``train``. ``stop_after`` stops a run after that many optimizer steps of this launch through the pre-emption
+path (the agreed-stop check says yes there, as after a SIGTERM), so it writes its checkpoint and raises
+``Preempted``. Each rank writes the run's outcome and the source rows it trained on to ``<record>_rank<r>.json``
+(tokenizer: per micro-batch; unified model: per task, in order).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch.distributed as dist  # noqa: E402
+
+import mllm.tasks  # noqa: E402
+import mllm.train  # noqa: E402
+import vqrae.data  # noqa: E402
+import vqrae.elastic  # noqa: E402
+import vqrae.train  # noqa: E402
+from vqrae.config import load_config  # noqa: E402
+
+RECORD: dict = {}
+
+
+class RecordingLoader:
+    """A tokenizer DataLoader whose consumed batches' source rows are recorded."""
+
+    def __init__(self, loader, rows: list):
+        self.loader, self.rows = loader, rows
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.rows.append(batch.index.tolist())
+            yield batch
+
+    def __len__(self):
+        return len(self.loader)
+
+
+def recording_build_dataloader(*args, **kwargs):
+    loader, sampler = vqrae.data.build_dataloader(*args, **kwargs)
+    rows: list = []
+    RECORD.setdefault("loaders", []).append(rows)  # calibration's loader first, the training loader last
+    return RecordingLoader(loader, rows), sampler
+
+
+real_getitem = mllm.tasks._Keyed.__getitem__
+
+
+def recording_getitem(self, key):
+    # with num_workers 0 the loader fetches each micro-batch when the trainer asks for it: fetched = trained on
+    RECORD.setdefault(RECORD["tasks"][id(self)], []).append(key.index)
+    return real_getitem(self, key)
+
+
+real_make_loaders = mllm.train.make_loaders
+
+
+def recording_make_loaders(*args, **kwargs):
+    loaders = real_make_loaders(*args, **kwargs)
+    RECORD["tasks"] = {id(loader.loader.dataset): task for task, loader in loaders.items()}
+    return loaders
+
+
+def stop_after(steps: int):
+    calls = {"n": 0}
+
+    def agreed(self) -> bool:
+        calls["n"] += 1  # called once per optimizer step, on every rank alike
+        return calls["n"] == steps
+
+    return agreed
+
+
+def main(plan_path: str) -> None:
+    with open(plan_path) as f:
+        plan = json.load(f)
+    vqrae.train.build_dataloader = recording_build_dataloader
+    mllm.tasks._Keyed.__getitem__ = recording_getitem
+    mllm.train.make_loaders = recording_make_loaders
+    real_agreed = vqrae.elastic.StopSignals.agreed
+    for run in plan:
+        RECORD.clear()
+        vqrae.elastic.StopSignals.agreed = stop_after(run["stop_after"]) if run.get("stop_after") else real_agreed
+        module = vqrae.train if run["kind"] == "tokenizer" else mllm.train
+        schema = vqrae.train.TokenizerTrainConfig if run["kind"] == "tokenizer" else mllm.train.MLLMTrainConfig
+        outcome = "done"
+        try:
+            module.train(load_config(schema, run["config"], run["overrides"]), run.get("resume"))
+        except vqrae.elastic.Preempted as e:
+            outcome = f"preempted at {e.step}"
+        except Exception as e:  # the test reads it; the next run goes on
+            outcome = f"error: {type(e).__name__}: {e}"
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        rows = RECORD["loaders"][-1] if run["kind"] == "tokenizer" else {t: RECORD.get(t, []) for t in ("generation", "understanding")}
+        with open(f"{run['record']}_rank{rank}.json", "w") as f:
+            json.dump({"outcome": outcome, "rows": rows}, f)
+        if dist.is_initialized():
+            dist.barrier()
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local")]
+    main(args[0])

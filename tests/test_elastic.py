@@ -1,0 +1,264 @@
+"""A run survives the cluster: pre-emption signals, resuming on another number of ranks (``vqrae.elastic``).
+
+The rank-count tests launch ``tests/elastic_worker.py`` three times (2 ranks, then 1, then 2 again) over every
+ZeRO stage of the tokenizer's two stages and the unified model, each stopped through the pre-emption path; the
+signal test sends real signals to real ``deepspeed`` ranks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import DIST_ENV
+from tests.helpers import free_port, run_script, write_images, write_tiny_assets, write_vqrae
+from vqrae import cli, elastic
+from vqrae.elastic import PREEMPTED_EXIT, Preempted, StopSignals, rank_seed, world_sizes
+from vqrae.runtime import RunConfig, OptimConfig, TrainingError, check_run_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = {1: "configs/tokenizer/tiny_stage1.yaml", 2: "configs/tokenizer/tiny_stage2.yaml"}
+# GAN from the first step (its engine is re-split too); no LPIPS (its random VGG trunk dominates a CPU step)
+FAST = ["loss.perceptual_weight=0", "loss.gan_start_step=0", "run.tensorboard=false", "run.image_every=0"]
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict:
+    root = str(tmp_path_factory.mktemp("elastic"))
+    write_images(os.path.join(root, "images", "train"), n=48)
+    return {"images": os.path.join(root, "images"), "stage1": write_vqrae(os.path.join(root, "stage1")),
+            **write_tiny_assets(os.path.join(root, "mllm"), num_train=48)}
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_stop_signals_set_a_flag_once_and_restore_the_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        assert not stop.agreed()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal during the save changes nothing
+        assert stop.agreed() and stop.name() == "SIGUSR1"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_rank_counts_that_keep_the_global_batch():
+    assert world_sizes(1024, 32) == [1, 2, 4, 8, 16, 32]
+    assert world_sizes(24, 2) == [1, 2, 3, 4, 6, 12]
+    with pytest.raises(TrainingError, match="rank counts that keep it: 1, 2, 4, 8, 16, 32$"):
+        check_run_config(RunConfig(batch_size=1024, micro_batch_size=32), OptimConfig(), world_size=3)
+
+
+def test_new_ranks_get_distinct_seeds_fixed_by_seed_step_and_rank():
+    seeds = {rank_seed(0, 100, r) for r in range(8)} | {rank_seed(0, 101, 0), rank_seed(1, 100, 0)}
+    assert len(seeds) == 10 and rank_seed(0, 100, 3) == rank_seed(0, 100, 3)
+
+
+def test_a_preempted_run_exits_with_its_own_code_and_one_line(capsys):
+    def run(argv):
+        raise Preempted("SIGTERM", 7, "out/checkpoints/step_00000007")
+
+    assert cli.main(run, []) == PREEMPTED_EXIT == 75
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("stopped: stopped by SIGTERM at step 7") and "--resume auto" in err
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_optimizer_state_through_the_universal_checkpoint_is_exact(single_rank, assets, tmp_path, monkeypatch, zero):
+    """A checkpoint taken as written by another number of ranks goes through DeepSpeed's universal form; on the
+    same single rank the run then ends with the uninterrupted run's weights, bit for bit: master weights, Adam
+    moments and step counts, the schedule and the data position all came through."""
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    argv = ["--config", TOKENIZER[1], f"data.source={assets['images']}", *FAST, "run.steps=4", "run.save_every=2",
+            f"run.zero_stage={zero}", "run.batch_size=4", "run.micro_batch_size=4", "run.log_every=1"]
+    assert run_script("train_tokenizer.py", [*argv, f"run.output_dir={ref}"]) == 0
+    step2 = os.path.join("checkpoints", "step_00000002")
+    shutil.copytree(os.path.join(ref, step2), os.path.join(out, step2))
+    monkeypatch.setattr(elastic, "saved_world", lambda path: 2)
+    assert run_script("train_tokenizer.py", [*argv, f"run.output_dir={out}", "--resume", "auto"]) == 0
+    assert os.path.isdir(os.path.join(out, step2, "universal", "generator"))
+    assert os.path.isdir(os.path.join(out, step2, "universal", "discriminator"))
+    names = ["model/model.safetensors"] + (["ema.safetensors"] if zero != 3 else [])
+    for name in names:
+        a = load_file(os.path.join(ref, "checkpoints", "step_00000004", name))
+        b = load_file(os.path.join(out, "checkpoints", "step_00000004", name))
+        assert same(a, b), name
+
+
+# ----------------------------------------------------------------------------- 2 -> 1 -> 2 ranks, every ZeRO stage
+
+
+def launcher_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/vqrae_torch_ext")
+    return env
+
+
+def deepspeed_cmd(ranks: int, *argv: str) -> list[str]:
+    return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+            str(free_port()), *argv]
+
+
+# (kind, ZeRO stage, precision, extra overrides): both precisions and LoRA among them
+CASES = [("tokenizer1", z, p, []) for z, p in ((0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "bf16"))]
+CASES += [("tokenizer2", z, p, []) for z, p in ((0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "fp32"))]
+CASES += [("mllm", 0, "bf16", []), ("mllm", 1, "fp32", ["model.lora.enabled=true", "model.lora.r=4"]),
+          ("mllm", 2, "bf16", ["model.image_positions=true"]), ("mllm", 3, "fp32", [])]
+WORLDS = (2, 1, 2)  # ranks of the three launches; each of the first two stops after 2 of the 6 steps
+STEPS = 6
+
+
+def case_run(case, assets: dict, root: str, phase: int) -> dict:
+    kind, zero, precision, extra = case
+    out = os.path.join(root, f"{kind}_zero{zero}")
+    common = [f"run.output_dir={out}", f"run.steps={STEPS}", "run.save_every=100", "run.keep_last=5",
+              f"run.zero_stage={zero}", f"run.precision={precision}", "run.log_every=2", *extra]
+    if kind == "mllm":
+        config = "configs/mllm/tiny.yaml"
+        common += [f"model.llm={assets['llm']}", f"model.vqrae={assets['vqrae']}",
+                   f"data.generation.source={assets['data']}", f"data.understanding.source={assets['data']}"]
+    else:
+        stage = int(kind[-1])
+        config = TOKENIZER[stage]
+        common += [f"data.source={assets['images']}", *FAST] + ([f"init_from={assets['stage1']}"] if stage == 2 else [])
+    return {"kind": "mllm" if kind == "mllm" else "tokenizer", "config": config, "overrides": common,
+            "resume": "auto" if phase else None, "stop_after": 2 if phase < 2 else None,
+            "record": os.path.join(root, f"{kind}_zero{zero}_phase{phase}"), "out": out}
+
+
+@pytest.fixture(scope="module")
+def world_changes(assets, tmp_path_factory):
+    """The three launches; returns (root, their logs)."""
+    root = str(tmp_path_factory.mktemp("worlds"))
+    logs = []
+    for phase, ranks in enumerate(WORLDS):
+        plan = os.path.join(root, f"plan{phase}.json")
+        with open(plan, "w") as f:
+            json.dump([case_run(c, assets, root, phase) for c in CASES], f)
+        proc = subprocess.run(deepspeed_cmd(ranks, "tests/elastic_worker.py", plan), cwd=ROOT, env=launcher_env(),
+                              capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        logs.append(proc.stdout + proc.stderr)
+    return root, logs
+
+
+def records(root: str, case, phase: int) -> list[dict]:
+    kind, zero = case[0], case[1]
+    out = []
+    for rank in range(WORLDS[phase]):
+        with open(os.path.join(root, f"{kind}_zero{zero}_phase{phase}_rank{rank}.json")) as f:
+            out.append(json.load(f))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-zero{c[1]}-{c[2]}" for c in CASES])
+def test_resume_on_another_number_of_ranks_continues_to_the_end(world_changes, assets, case):
+    root, logs = world_changes
+    kind, zero = case[0], case[1]
+    out = os.path.join(root, f"{kind}_zero{zero}")
+    outcomes = [[r["outcome"] for r in records(root, case, p)] for p in range(3)]
+    assert outcomes == [["preempted at 2"] * 2, ["preempted at 4"], ["done"] * 2], outcomes
+    ckpt = os.path.join(out, "checkpoints")
+    assert f"resumed from step 2 on 1 ranks (checkpoint written by 2): {ckpt}/step_00000002" in logs[1]
+    assert f"resumed from step 4 on 2 ranks (checkpoint written by 1): {ckpt}/step_00000004" in logs[2]
+
+    # the data continue exactly: every rank's rows over the three launches, none twice, none skipped
+    if kind == "mllm":
+        for task in ("generation", "understanding"):
+            rows = [i for p in range(3) for r in records(root, case, p) for i in r["rows"][task]]
+            assert rows and len(rows) == len(set(rows)), (task, rows)
+            order = torch.randperm(48, generator=torch.Generator().manual_seed(0)).tolist()  # data.seed 0
+            assert set(rows) == set(order[: len(rows)]), task
+    else:
+        rows = [i for p in range(3) for r in records(root, case, p) for batch in r["rows"] for i in batch]
+        assert sorted(rows) == list(range(48))  # 6 steps of 8: exactly one epoch
+
+    # the export loads and runs
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    if kind == "mllm":
+        from mllm import UnifiedModel
+
+        model = UnifiedModel.from_pretrained(os.path.join(out, "model"))
+        assert model.tokenize_images(images).shape == (2, 16)
+    else:
+        from vqrae import VQRAE
+
+        model = VQRAE.from_pretrained(os.path.join(out, "model"))
+        assert model.tokenize(images).shape == (2, 16)
+        start = load_file(os.path.join(assets["stage1"] if kind == "tokenizer2" else
+                                       os.path.join(ckpt, "step_00000002", "model"), "model.safetensors"))
+        end = load_file(os.path.join(out, "model", "model.safetensors"))
+        assert any(not torch.equal(start[k], end[k]) for k in start)  # the steps after the changes trained
+
+
+# ----------------------------------------------------------------------------- real signals
+
+
+def ranks_of(launcher: subprocess.Popen, count: int, timeout: float = 120) -> list[psutil.Process]:
+    proc = psutil.Process(launcher.pid)
+    for _ in range(int(timeout * 10)):
+        ranks = [c for c in proc.children() if "train_tokenizer.py" in " ".join(c.cmdline())]
+        if len(ranks) == count:
+            return ranks
+        threading.Event().wait(0.1)
+    raise AssertionError("the launcher never started its ranks")
+
+
+@pytest.mark.slow
+def test_signalled_run_checkpoints_and_resumes_to_the_uninterrupted_result(assets, tmp_path):
+    """SIGUSR1 (as ``sbatch --signal``) to both ranks, then SIGTERM while they save: both finish the step, write one
+    complete checkpoint and exit with 75; ``--resume auto`` ends bit-identical to an uninterrupted run."""
+    steps = 40
+    argv = ["scripts/train_tokenizer.py", "--config", TOKENIZER[1], f"data.source={assets['images']}", *FAST,
+            f"run.steps={steps}", "run.save_every=1000", "run.log_every=1", "run.batch_size=8",
+            "run.micro_batch_size=4"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    launcher = subprocess.Popen(deepspeed_cmd(2, *argv, f"run.output_dir={out}"), cwd=ROOT, env=launcher_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ranks = ranks_of(launcher, 2)
+    lines = []
+    for line in launcher.stdout:
+        lines.append(line)
+        if re.search(r"\bstep 3 loss/", line):
+            for r in ranks:
+                r.send_signal(signal.SIGUSR1)
+            for r in ranks:
+                r.send_signal(signal.SIGTERM)
+            break
+    lines += launcher.stdout.readlines()
+    assert launcher.wait(timeout=300) == PREEMPTED_EXIT, "".join(lines)[-3000:]
+    log = "".join(lines)
+    stopped = re.search(r"stopping: SIGUSR1 at step (\d+); checkpoint (\S+)", log)
+    assert stopped, log[-3000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < steps and stopped.group(2).endswith(f"step_{step:08d}")
+    assert os.path.isfile(os.path.join(stopped.group(2), "manifest.json"))
+    assert not os.path.exists(os.path.join(out, "run.lock"))  # released on the way out
+
+    resumed = subprocess.run(deepspeed_cmd(2, *argv, f"run.output_dir={out}", "--resume", "auto"), cwd=ROOT,
+                             env=launcher_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from step {step} on 2 ranks (checkpoint written by 2)" in resumed.stdout + resumed.stderr
+    uninterrupted = subprocess.run(deepspeed_cmd(2, *argv, f"run.output_dir={ref}"), cwd=ROOT, env=launcher_env(),
+                                   capture_output=True, text=True, timeout=600)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    for name in ("model/model.safetensors", "ema.safetensors"):
+        a = load_file(os.path.join(ref, "checkpoints", f"step_{steps:08d}", name))
+        b = load_file(os.path.join(out, "checkpoints", f"step_{steps:08d}", name))
+        assert same(a, b), f"{name} differs from the uninterrupted run (stopped at step {step})"
