@@ -18,10 +18,11 @@ directory holds everything needed to rebuild the model offline::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.nn as nn
@@ -136,7 +137,7 @@ class UnifiedModel(nn.Module, PushToHub):
                 f"tokenizer holds {vocab.codebook_size} image code tokens but the VQRAE codebook has "
                 f"{vqrae.codebook_size} codes"
             )
-        rows = llm.get_input_embeddings().weight.shape[0]
+        rows = _full_shape(llm.get_input_embeddings().weight)[0]
         if rows < len(tokenizer):
             raise ValueError(f"LLM embeddings have {rows} rows but the tokenizer has {len(tokenizer)} tokens")
         if cfg.lora.enabled and cfg.freeze_llm:
@@ -159,7 +160,7 @@ class UnifiedModel(nn.Module, PushToHub):
         self.image_positions: Optional[nn.Embedding] = None
         if cfg.image_positions:
             embeds = llm.get_input_embeddings().weight
-            table = nn.Embedding(vqrae.num_tokens, embeds.shape[1], device=embeds.device, dtype=embeds.dtype)
+            table = nn.Embedding(vqrae.num_tokens, _full_shape(embeds)[1], device=embeds.device, dtype=embeds.dtype)
             nn.init.zeros_(table.weight)
             if image_positions is not None:
                 if tuple(image_positions.shape) != tuple(table.weight.shape):
@@ -175,10 +176,13 @@ class UnifiedModel(nn.Module, PushToHub):
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, cfg: MLLMConfig, generator: Optional[torch.Generator] = None) -> "UnifiedModel":
+    def build(cls, cfg: MLLMConfig, generator: Optional[torch.Generator] = None,
+              llm_context: Callable[[], ContextManager] = contextlib.nullcontext) -> "UnifiedModel":
         """A new model: load the LLM and VQRAE named by ``cfg``, extend the vocabulary, add a fresh projector.
 
         ``generator`` draws the noise of ``cfg.new_token_noise``; the projector starts from torch's global RNG.
+        The LLM is loaded and resized inside ``llm_context()`` (and nothing else is): ``mllm.train`` passes
+        transformers' ZeRO-3 loading there, so each rank holds only its partition from the start.
         """
         for name in ("llm", "vqrae"):
             if getattr(cfg, name) in ("", MISSING):
@@ -188,22 +192,27 @@ class UnifiedModel(nn.Module, PushToHub):
         tokenizer = AutoTokenizer.from_pretrained(cfg.llm, trust_remote_code=cfg.trust_remote_code, **_gguf(cfg))
         before = len(tokenizer)
         vocab = add_image_tokens(tokenizer, vqrae.codebook_size)
-        llm = _load_llm(cfg.llm, cfg, cfg.trust_remote_code, gguf=True)
-        resize_embeddings(llm, len(tokenizer), range(before, len(tokenizer)), before, cfg.new_token_noise, generator)
-        if cfg.code_init == "codebook":
-            width = llm.get_input_embeddings().embedding_dim
-            offsets = codebook_offsets(vqrae.quantizer.codebook, width, cfg.new_token_noise, generator)
-            resize_embeddings(llm, len(tokenizer), vocab.code_ids, before, offsets=offsets)
+        with llm_context():
+            with torch.random.fork_rng(devices=[]):  # however it is built, loading moves no RNG the projector uses
+                llm = _load_llm(cfg.llm, cfg, cfg.trust_remote_code, gguf=True)
+            resize_embeddings(llm, len(tokenizer), range(before, len(tokenizer)), before, cfg.new_token_noise, generator)
+            if cfg.code_init == "codebook":
+                width = llm.get_input_embeddings().embedding_dim
+                offsets = codebook_offsets(vqrae.quantizer.codebook, width, cfg.new_token_noise, generator)
+                resize_embeddings(llm, len(tokenizer), vocab.code_ids, before, offsets=offsets)
         projector = MLPProjector(vqrae.encoder.dim, llm.get_input_embeddings().embedding_dim, cfg.projector.depth)
         return cls(cfg, llm, tokenizer, vqrae, projector)
 
     @classmethod
     def from_pretrained(
-        cls, path: str, trust_remote_code: bool = False, revision: Optional[str] = None
+        cls, path: str, trust_remote_code: bool = False, revision: Optional[str] = None,
+        llm_context: Callable[[], ContextManager] = contextlib.nullcontext,
     ) -> "UnifiedModel":
         """Rebuild a ``save_pretrained`` directory, or a hub id (``owner/name``) holding one at ``revision``, with
         nothing else: a hub id is fetched once into the Hugging Face cache (``vqrae.hub.resolve``), then read
         from there exactly like a directory.
+
+        The LLM is loaded inside ``llm_context()`` (see ``build``).
 
         Whether model code shipped in the directory may run is the caller's decision, never the saved config's:
         without ``trust_remote_code`` a checkpoint that needs it (``trust_remote_code: true`` in mllm.yaml, an
@@ -213,8 +222,7 @@ class UnifiedModel(nn.Module, PushToHub):
         file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no unified model checkpoint at '{path}' (missing {CONFIG_NAME})")
-        with open(file) as f:
-            cfg = from_dict(MLLMConfig, yaml.safe_load(f))
+        cfg = read_config(path)
         opt_in = "pass trust_remote_code=True (scripts/generate.py --trust-remote-code, training: model.trust_remote_code=true)"
         if cfg.trust_remote_code and not trust_remote_code:
             raise ConfigError(f"model '{path}' asks to run code shipped with it (trust_remote_code: true in "
@@ -226,7 +234,8 @@ class UnifiedModel(nn.Module, PushToHub):
         refuse_pickled_weights(llm_dir, "model part", _SAFETENSORS_HINT)
         vqrae = VQRAE.from_pretrained(os.path.join(path, "vqrae"), trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
-        llm = _load_llm(llm_dir, cfg, trust_remote_code, gguf=False)
+        with llm_context():
+            llm = _load_llm(llm_dir, cfg, trust_remote_code, gguf=False)
         projector = MLPProjector(vqrae.encoder.dim, llm.get_input_embeddings().embedding_dim, cfg.projector.depth)
         projector.load_state_dict(read_safetensors(os.path.join(path, PROJECTOR_NAME), "projector weights"), strict=True)
         adapter = os.path.join(path, "adapter") if cfg.lora.enabled else None
@@ -479,6 +488,17 @@ def _check_llm_source(cfg: MLLMConfig) -> None:
     if not cfg.trust_remote_code:
         refuse_remote_code(llm, "model.llm", "set model.trust_remote_code=true")
     refuse_pickled_weights(llm, "model.llm", _SAFETENSORS_HINT)
+
+
+def _full_shape(weight: torch.Tensor) -> tuple:
+    """A weight's shape, also when ZeRO-3 holds only a partition of it here (``ds_shape``)."""
+    return tuple(getattr(weight, "ds_shape", weight.shape))
+
+
+def read_config(path: str) -> MLLMConfig:
+    """The ``MLLMConfig`` saved in a ``save_pretrained`` directory."""
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        return from_dict(MLLMConfig, yaml.safe_load(f))
 
 
 def _load_llm(source: str, cfg: MLLMConfig, trust_remote_code: bool, gguf: bool) -> PreTrainedModel:

@@ -10,6 +10,7 @@ on the device. Generation codes are computed on the fly, or once per data set (`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -31,7 +32,7 @@ from vqrae.runtime import (
 
 from .codes import CODES_MANIFEST, place_vqrae
 from .data import Batch, insert_codes
-from .model import CONFIG_NAME, MLLMConfig, UnifiedModel, UnifiedOutput
+from .model import CONFIG_NAME, MLLMConfig, UnifiedModel, UnifiedOutput, read_config
 from .tasks import MLLMDataConfig, TaskMetrics, TaskSchedule, make_loaders
 
 
@@ -84,7 +85,7 @@ def check_config(cfg: MLLMTrainConfig, world_size: int = 1) -> None:
     check_run_config(cfg.run, cfg.optim, world_size)
 
 
-def build_model(cfg: MLLMTrainConfig) -> tuple[UnifiedModel, str]:
+def build_model(cfg: MLLMTrainConfig, ds_cfg: Optional[dict] = None) -> tuple[UnifiedModel, str]:
     """The model to train and the directory of its VQRAE checkpoint.
 
     A new model comes from ``cfg.model``. With ``cfg.init_from``, the LLM, extended tokenizer, VQRAE and
@@ -92,17 +93,32 @@ def build_model(cfg: MLLMTrainConfig) -> tuple[UnifiedModel, str]:
     (freezing, LoRA, gradient checkpointing). The LLM trains in fp32 master weights whatever ``run.precision``
     (bf16 is autocast, ``vqrae.runtime``); the saved config records the run's compute dtype, in which
     inference loads the LLM on an accelerator.
+
+    Under ZeRO-3 (``ds_cfg``, the DeepSpeed config the engine gets) the LLM is built partitioned: each rank
+    holds its share of the weights from the start (``partitioned_llm``), never a whole fp32 copy. Two matrices
+    are whole for a moment: a vocabulary grown for the image tokens (transformers builds the resized embedding and
+    LM head whole; they are partitioned right after). A LoRA export given as ``init_from`` is loaded whole:
+    merging its adapter needs the whole weights; the engine partitions it.
     """
     if cfg.run.precision not in COMPUTE_DTYPES:
         raise ConfigError(f"run.precision must be one of {', '.join(COMPUTE_DTYPES)}, got '{cfg.run.precision}'")
     dtype = str(COMPUTE_DTYPES[cfg.run.precision]).removeprefix("torch.")  # the name MLLMConfig.dtype takes
     model_cfg = dataclasses.replace(cfg.model, dtype="float32")
+    zero3 = ds_cfg is not None and ds_cfg["zero_optimization"]["stage"] == 3
+    llm_context = (lambda: partitioned_llm(ds_cfg)) if zero3 else contextlib.nullcontext
     if not cfg.init_from:
-        model = UnifiedModel.build(model_cfg)
+        model = UnifiedModel.build(model_cfg, llm_context=llm_context)
         model.cfg = dataclasses.replace(model.cfg, dtype=dtype)
+        if zero3:  # transformers grows the vocabulary into whole matrices: partition them now
+            import deepspeed
+
+            deepspeed.zero.Init(module=model.llm, config_dict_or_path=ds_cfg)
         return model, model_cfg.vqrae
+    if read_config(cfg.init_from).lora.enabled:
+        llm_context = contextlib.nullcontext
     # Trust is this run's decision (model.trust_remote_code), not the export's.
-    base = UnifiedModel.from_pretrained(cfg.init_from, trust_remote_code=cfg.model.trust_remote_code)
+    base = UnifiedModel.from_pretrained(cfg.init_from, trust_remote_code=cfg.model.trust_remote_code,
+                                        llm_context=llm_context)
     if base.cfg.lora.enabled:
         base.merge_lora()
     # An earlier stage may have frozen the LLM; this stage's config decides again.
@@ -114,6 +130,21 @@ def build_model(cfg: MLLMTrainConfig) -> tuple[UnifiedModel, str]:
     positions = base.image_position_table() if model_cfg.image_positions else None  # None: a fresh zero table
     model = UnifiedModel(model_cfg, llm, base.tokenizer, base.vqrae, base.projector, image_positions=positions)
     return model, os.path.join(cfg.init_from, "vqrae")
+
+
+@contextlib.contextmanager
+def partitioned_llm(ds_cfg: dict):
+    """Inside the block, transformers builds and loads models under ``deepspeed.zero.Init`` with ``ds_cfg``: each
+    parameter is partitioned as it is created and the weights read from disk go straight into the partitions.
+    Only the LLM is built in it (``UnifiedModel.build``): the VQRAE stays whole, outside the engine."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    config = HfDeepSpeedConfig(ds_cfg)  # transformers holds it by a weak reference: keep it alive here
+    try:
+        yield config
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def unregister_vqrae(model: UnifiedModel) -> VQRAE:
@@ -224,7 +255,7 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
 
         # -- model: the VQRAE stays outside the engine ------------------------------------------------------------
         try:
-            model, vqrae_dir = build_model(cfg)
+            model, vqrae_dir = build_model(cfg, ds_cfg)
         except ConfigError:  # already one line naming the setting to change
             raise
         except (OSError, ValueError) as e:  # built from the config or init_from alone: the user's to fix
@@ -232,7 +263,7 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
             raise ConfigError(f"cannot build the model from {source}: {type(e).__name__}: {first_line(e)}") from None
         vqrae = unregister_vqrae(model)
         groups = trainable_groups(model, cfg)
-        n_train = sum(p.numel() for g in groups for p in g["params"])  # before ZeRO-3 partitions them
+        n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])
         optimizer = make_optimizer(groups, optim)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
                                                lr_scheduler=make_scheduler(optimizer, optim, run.steps))

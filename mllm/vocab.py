@@ -7,6 +7,8 @@ expands to N positions and records in a boolean mask; the model never looks for 
 """
 from __future__ import annotations
 
+import contextlib
+
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -150,11 +152,14 @@ def resize_embeddings(
         generator: RNG for the noise.
         offsets: (len(new_ids), H) values added to the mean instead of noise (``codebook_offsets``).
     """
-    old_rows = llm.get_input_embeddings().weight.shape[0]
+    weight = llm.get_input_embeddings().weight
+    old_rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 may hold a partition here
     if num_tokens > old_rows:
         # mean_resizing=False: transformers would draw from a Gaussian fitted to the old rows; the rows are
-        # written below anyway.
-        llm.resize_token_embeddings(num_tokens, mean_resizing=False)
+        # written below anyway. Whatever the resizing draws is overwritten: it moves no RNG the caller uses, so
+        # a model built whole and one built partitioned (which draws differently) start from the same numbers.
+        with torch.random.fork_rng(devices=[]):
+            llm.resize_token_embeddings(num_tokens, mean_resizing=False)
     index = torch.as_tensor(list(new_ids), dtype=torch.long)
     reference_rows = min(reference_rows, old_rows)
     if not len(index):
@@ -167,17 +172,29 @@ def resize_embeddings(
     weights = [embed.weight]
     if head is not None and head.weight is not embed.weight:
         weights.append(head.weight)
-    for weight in weights:
-        mean = weight[:reference_rows].float().mean(dim=0)
-        rows = mean.expand(len(index), -1).clone()
-        if offsets is not None:
-            rows += offsets.float().to(rows.device)
-        elif noise_std > 0:
-            rows += noise_std * torch.randn(rows.shape, generator=generator).to(rows.device)
-        weight[index.to(weight.device)] = rows.to(device=weight.device, dtype=weight.dtype)
     bias = getattr(head, "bias", None)
-    if bias is not None:
-        bias[index.to(bias.device)] = bias[:reference_rows].float().mean().to(bias.dtype)
+    with _whole([*weights, *([bias] if bias is not None else [])]):
+        for weight in weights:
+            mean = weight[:reference_rows].float().mean(dim=0)
+            rows = mean.expand(len(index), -1).clone()
+            if offsets is not None:
+                rows += offsets.float().to(rows.device)
+            elif noise_std > 0:
+                rows += noise_std * torch.randn(rows.shape, generator=generator).to(rows.device)
+            weight[index.to(weight.device)] = rows.to(device=weight.device, dtype=weight.dtype)
+        if bias is not None:
+            bias[index.to(bias.device)] = bias[:reference_rows].float().mean().to(bias.dtype)
+
+
+def _whole(params: list):
+    """Inside the block, ``params`` whole: those ZeRO-3 partitioned at construction (``ds_id``) are gathered, and
+    what rank 0 writes into them is partitioned again on every rank when it ends (every rank computes the same
+    rows). Parameters held whole need nothing."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed  # only a model built under ZeRO-3 gets here
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 @torch.no_grad()

@@ -7,7 +7,9 @@
 ``train``. ``stop_after`` stops a run after that many optimizer steps of this launch through the pre-emption
 path (the agreed-stop check says yes there, as after a SIGTERM), so it writes its checkpoint and raises
 ``Preempted``. Each rank writes the run's outcome and the source rows it trained on to ``<record>_rank<r>.json``
-(tokenizer: per micro-batch; unified model: per task, in order).
+(tokenizer: per micro-batch; unified model: per task, in order), and for the unified model the parameter
+elements this rank held when the engine got the model, and in all. ``whole_llm`` builds the LLM whole on every
+rank instead of partitioned under ZeRO-3.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch.distributed as dist  # noqa: E402
 
+import deepspeed  # noqa: E402
+
+import mllm  # noqa: E402
 import mllm.tasks  # noqa: E402
 import mllm.train  # noqa: E402
 import vqrae.data  # noqa: E402
@@ -69,6 +74,18 @@ def recording_make_loaders(*args, **kwargs):
     return loaders
 
 
+real_initialize = deepspeed.initialize
+
+
+def recording_initialize(*args, model=None, **kwargs):
+    """The parameter elements the model holds on this rank when the engine gets it, and in all."""
+    if isinstance(model, mllm.UnifiedModel):
+        params = list(model.parameters())
+        RECORD["elements"] = [sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params),
+                              sum(getattr(p, "ds_numel", p.numel()) for p in params)]
+    return real_initialize(*args, model=model, **kwargs)
+
+
 def stop_after(steps: int):
     calls = {"n": 0}
 
@@ -86,9 +103,13 @@ def main(plan_path: str) -> None:
     mllm.tasks._Keyed.__getitem__ = recording_getitem
     mllm.train.make_loaders = recording_make_loaders
     real_agreed = vqrae.elastic.StopSignals.agreed
+    real_build = mllm.train.build_model
+    deepspeed.initialize = recording_initialize
     for run in plan:
         RECORD.clear()
         vqrae.elastic.StopSignals.agreed = stop_after(run["stop_after"]) if run.get("stop_after") else real_agreed
+        # whole_llm: the LLM built whole on every rank (no DeepSpeed config at construction), the engine partitions it
+        mllm.train.build_model = (lambda cfg, ds_cfg=None: real_build(cfg)) if run.get("whole_llm") else real_build
         module = vqrae.train if run["kind"] == "tokenizer" else mllm.train
         schema = vqrae.train.TokenizerTrainConfig if run["kind"] == "tokenizer" else mllm.train.MLLMTrainConfig
         outcome = "done"
@@ -101,7 +122,7 @@ def main(plan_path: str) -> None:
         rank = dist.get_rank() if dist.is_initialized() else 0
         rows = RECORD["loaders"][-1] if run["kind"] == "tokenizer" else {t: RECORD.get(t, []) for t in ("generation", "understanding")}
         with open(f"{run['record']}_rank{rank}.json", "w") as f:
-            json.dump({"outcome": outcome, "rows": rows}, f)
+            json.dump({"outcome": outcome, "rows": rows, "elements": RECORD.get("elements")}, f)
         if dist.is_initialized():
             dist.barrier()
 

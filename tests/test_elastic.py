@@ -262,3 +262,63 @@ def test_signalled_run_checkpoints_and_resumes_to_the_uninterrupted_result(asset
         a = load_file(os.path.join(ref, "checkpoints", f"step_{steps:08d}", name))
         b = load_file(os.path.join(out, "checkpoints", f"step_{steps:08d}", name))
         assert same(a, b), f"{name} differs from the uninterrupted run (stopped at step {step})"
+
+
+# ----------------------------------------------------------------------------- a large LLM under ZeRO-3
+
+
+@pytest.mark.slow
+def test_zero3_builds_the_llm_partitioned_and_trains_as_when_built_whole(assets, tmp_path):
+    """On 2 ranks each holds about half of the parameter elements when the engine gets the model, and training
+    and the export equal those of the LLM built whole on every rank: a fresh model (its vocabulary grown, or
+    already padded for the new tokens, whose rows are then written through the gathered partitions) and one
+    continued from an export (``init_from``, as the LLaVA fine-tuning stage does)."""
+    from tests.helpers import make_llm, make_tokenizer
+
+    padded = str(tmp_path / "padded_llm")
+    tokenizer = make_tokenizer()
+    tokenizer.save_pretrained(padded)
+    make_llm("llama", len(tokenizer) + 64 + 2 + 8).save_pretrained(padded)  # room for 64 codes, <boi>, <eoi>
+    data = [f"data.generation.source={assets['data']}", f"data.understanding.source={assets['data']}"]
+    runs = []
+    for name, llm, whole in (("fresh", assets["llm"], False), ("fresh_whole", assets["llm"], True),
+                             ("padded", padded, False), ("padded_whole", padded, True)):
+        out = str(tmp_path / name)
+        runs.append({"kind": "mllm", "config": "configs/mllm/tiny.yaml", "whole_llm": whole, "record": out, "out": out,
+                     "overrides": [f"run.output_dir={out}", "run.steps=4", "run.zero_stage=3", "run.precision=bf16",
+                                   "run.save_every=100", f"model.llm={llm}", f"model.vqrae={assets['vqrae']}",
+                                   "model.image_positions=true", *data]})
+    out = str(tmp_path / "continued")
+    runs.append({"kind": "mllm", "config": "configs/mllm/tiny.yaml", "record": out, "out": out,
+                 "overrides": [f"run.output_dir={out}", "run.steps=2", "run.zero_stage=3", "run.save_every=100",
+                               f"init_from={runs[0]['out']}/model", *data]})
+    plan = str(tmp_path / "plan.json")
+    with open(plan, "w") as f:
+        json.dump(runs, f)
+    proc = subprocess.run(deepspeed_cmd(2, "tests/elastic_worker.py", plan), cwd=ROOT, env=launcher_env(),
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def record(run: dict, rank: int) -> dict:
+        with open(f"{run['record']}_rank{rank}.json") as f:
+            return json.load(f)
+
+    for run in runs:
+        for rank in range(2):
+            rec = record(run, rank)
+            assert rec["outcome"] == "done", (run["out"], rec["outcome"])
+            held, total = rec["elements"]
+            if run.get("whole_llm"):
+                assert held == total
+            else:  # the LLM halved; the projector and position table (a few thousand elements) are whole
+                llm_elements = sum(t.numel() for t in load_file(os.path.join(run["out"], "model", "llm", "model.safetensors")).values())
+                assert held <= total - llm_elements / 2 + 64, (run["out"], held, total)
+    for name in ("llm/model.safetensors", "projector.safetensors", "image_positions.safetensors"):
+        for a, b in ((runs[0], runs[1]), (runs[2], runs[3])):
+            wa = load_file(os.path.join(a["out"], "model", name))
+            wb = load_file(os.path.join(b["out"], "model", name))
+            assert same(wa, wb), (a["out"], name)
+    from mllm import UnifiedModel
+
+    model = UnifiedModel.from_pretrained(os.path.join(runs[4]["out"], "model"))
+    assert model.tokenize_images(torch.rand(1, 3, 32, 32) * 2 - 1).shape == (1, 16)
