@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 # DeepSpeed's logger keeps the stdout it finds when first imported: import it now, under pytest's session-wide
 # capture, not inside a test whose capfd stream is closed when the test ends.
@@ -25,7 +26,7 @@ import torch
 
 from tests.conftest import DIST_ENV
 from tests.helpers import error_line, log_lines, rank_env, run_script, write_tiny_assets
-from vqrae.runtime import LOCK, MANIFEST, Checkpointer, TrainingError, damage
+from vqrae.runtime import LOCK, LOCK_STALE_S, MANIFEST, Checkpointer, TrainingError, damage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "configs", "tokenizer", "tiny_stage1.yaml")
@@ -274,15 +275,43 @@ def test_a_second_run_on_the_same_output_dir_is_refused(run_copy, assets, capfd,
         sleeper.wait()
 
 
-def test_a_stale_lock_is_taken_over(run_copy, assets, caplog, capfd):
+@pytest.mark.parametrize("owner", ["killed here", "silent elsewhere"])
+def test_a_stale_lock_is_taken_over(run_copy, assets, caplog, capfd, owner):
     caplog.set_level(logging.INFO, logger="vqrae")
     gone = subprocess.Popen(["true"])
     gone.wait()  # reaped: its pid names no process now
-    write_lock(run_copy, gone.pid, socket.gethostname())
+    if owner == "killed here":
+        write_lock(run_copy, gone.pid, socket.gethostname())
+    else:  # a run killed on another node: its heartbeat stopped longer ago than LOCK_STALE_S
+        lock = write_lock(run_copy, os.getpid(), "other-node")
+        past = time.time() - LOCK_STALE_S - 5
+        os.utime(lock, (past, past))
     code = run_script("train_tokenizer.py", tokenizer_argv(assets, run_copy, "run.steps=4", "--resume", "auto"))
     assert code == 0, capfd.readouterr().err
     assert any(line.startswith("done: 4 steps") for line in log_lines(caplog))
     assert not os.path.exists(os.path.join(run_copy, LOCK))
+
+
+def test_the_lock_holder_keeps_its_lock_fresh(tmp_path, monkeypatch):
+    from vqrae import runtime
+
+    monkeypatch.setattr(runtime, "LOCK_HEARTBEAT_S", 0.05)
+    runtime.take_run_lock(str(tmp_path), rank=0)
+    lock = os.path.join(tmp_path, LOCK)
+    try:
+        past = time.time() - 3600
+        os.utime(lock, (past, past))
+        for _ in range(100):
+            time.sleep(0.05)
+            if time.time() - os.path.getmtime(lock) < 60:
+                break
+        assert time.time() - os.path.getmtime(lock) < 60  # touched again by the heartbeat
+    finally:
+        runtime.release_run_lock(str(tmp_path))
+    assert not os.path.exists(lock)
+    os.utime(tmp_path)  # the heartbeat has stopped: nothing recreates or touches the removed lock
+    time.sleep(0.2)
+    assert not os.path.exists(lock)
 
 
 # ----------------------------------------------------------------------------- full disk

@@ -213,7 +213,10 @@ def test_resume_on_another_number_of_ranks_continues_to_the_end(world_changes, a
 def ranks_of(launcher: subprocess.Popen, count: int, timeout: float = 120) -> list[psutil.Process]:
     proc = psutil.Process(launcher.pid)
     for _ in range(int(timeout * 10)):
-        ranks = [c for c in proc.children() if "train_tokenizer.py" in " ".join(c.cmdline())]
+        try:  # the runner starts DeepSpeed's launch module, which starts the ranks
+            ranks = [c for c in proc.children(recursive=True) if any(a.startswith("--local_rank") for a in c.cmdline())]
+        except psutil.NoSuchProcess:
+            continue
         if len(ranks) == count:
             return ranks
         threading.Event().wait(0.1)
