@@ -5,8 +5,8 @@ engine would otherwise receive it).
     deepspeed --num_gpus 2 bench/bench_zero3_build.py            # writes the LLM once, then both builds
 
 Each build runs in its own launch (a process's peak never goes down), each rank reports its peak resident set
-(``ru_maxrss``) after the build and once the ZeRO-3 engine holds the model (with its AdamW), and the parameter
-elements it holds after the build. A whole build can look small until the engine: transformers may leave the
+(``ru_maxrss``) after the build and once the ZeRO-3 engine holds the model (with its AdamW), its resident set
+right after the build, and the parameter elements it holds then. A whole build can look small until the engine: transformers may leave the
 weights in the memory-mapped file, resident only once touched. The LLM is a random Qwen3-0.6B-shaped model
 (hidden 1024, 28 layers, 151936-row vocabulary: 0.6B parameters, written once in bf16 as the hub's checkpoints
 are, under ``--root``; training loads it in fp32);
@@ -53,6 +53,7 @@ def write_assets(root: str, size: str = "0.6B") -> dict:
 def build(mode: str, root: str, engine: bool) -> None:
     """One rank's build; prints a JSON line."""
     import deepspeed
+    import psutil
 
     from mllm.train import MLLMTrainConfig, build_model, trainable_groups, unregister_vqrae
     from vqrae.config import load_config
@@ -66,6 +67,7 @@ def build(mode: str, root: str, engine: bool) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     model, _ = build_model(cfg, ds_cfg if mode == "partitioned" else None)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    now = psutil.Process().memory_info().rss / 2**30
     params = list(model.llm.parameters())
     held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
@@ -76,7 +78,7 @@ def build(mode: str, root: str, engine: bool) -> None:
         deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
         engine_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"mode": mode, "rank": rank, "world": world, "llm_params": total, "held": held,
-                      "peak_gib": round(peak, 2), "engine_peak_gib": round(engine_peak, 2),
+                      "peak_gib": round(peak, 2), "built_gib": round(now, 2), "engine_peak_gib": round(engine_peak, 2),
                       "before_build_gib": round(before, 2)}), flush=True)
 
 
@@ -99,12 +101,13 @@ def main() -> None:
                os.path.abspath(__file__), "--mode", mode, "--root", args.root] + (["--no-engine"] if args.no_engine else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[mode] = [json.loads(line[line.index("{"):]) for line in out.splitlines() if '"mode"' in line]
-    print(f"{'build':<12} {'rank':>4} {'LLM params':>11} {'held here':>10} {'peak RSS GiB: built':>20} {'engine ready':>13}")
+    print(f"{'build':<12} {'rank':>4} {'LLM params':>11} {'held here':>10} {'RSS GiB after build':>20} "
+          f"{'peak: build':>12} {'engine ready':>13}")
     for mode, rows in results.items():
         for r in sorted(rows, key=lambda r: r["rank"]):
             print(f"{mode:<12} {r['rank']:>4} {r['llm_params'] / 1e9:>10.3f}B {r['held'] / r['llm_params']:>9.1%} "
-                  f"{r['peak_gib']:>20.2f} {r['engine_peak_gib']:>13.2f}")
-    for key in ("peak_gib", "engine_peak_gib"):
+                  f"{r['built_gib']:>20.2f} {r['peak_gib']:>12.2f} {r['engine_peak_gib']:>13.2f}")
+    for key in ("built_gib", "peak_gib", "engine_peak_gib"):
         whole, part = (max(r[key] for r in results[m]) for m in ("whole", "partitioned"))
         print(f"{key}: partitioned / whole = {part / whole:.2f}")
 

@@ -23,7 +23,7 @@ import torch
 from vqrae import VQRAE
 from vqrae.config import ConfigError, save_yaml
 from vqrae.model import CONFIG_NAME as VQRAE_CONFIG, WEIGHTS_NAME as VQRAE_WEIGHTS
-from vqrae.elastic import Preempted, StopSignals
+from vqrae.elastic import StopSignals
 from vqrae.runtime import (
     COMPUTE_DTYPES, EmptyBatches, NonFiniteGuard, OptimConfig, RunConfig, RunLogger, TrainingError, autocast, barrier,
     check_run_config, deepspeed_config, due, finish, first_line, gather, grad_norm_before_step, guarded_optimizer,
@@ -344,13 +344,7 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
             save_wanted = save_wanted or due(step, run.save_every, run.steps)
             if save_wanted and (guard.clear_to_save(step, last_ckpt, logger.info) or step == run.steps):
                 last_ckpt, save_wanted = save_checkpoint(s, step, last_ckpt, write), False
-            if step < run.steps and stop.agreed():  # pre-empted: this step's checkpoint, then out
-                guard.read(last_ckpt, logger.info)
-                if not last_ckpt or not last_ckpt.endswith(f"step_{step:08d}"):
-                    last_ckpt = save_checkpoint(s, step, last_ckpt, write)
-                logger.info(f"stopping: {stop.name()} at step {step}; checkpoint {last_ckpt}")
-                logger.close()
-                raise Preempted(stop.name(), step, last_ckpt)
+            stop.exit_if_agreed(s, step, run.steps, last_ckpt, guard, write, logger)  # pre-empted: checkpoint, out
 
         guard.read(last_ckpt, logger.info)
         dropped = {k: v for k, v in data_stats.items() if k != "ok" and v}

@@ -218,7 +218,7 @@ def test_task_loader_resumes_after_the_last_consumed_batch(assets, num_workers):
     first = loader()
     seen = [first.next().input_ids for _ in range(3)]  # 8 rows per rank -> 2 batches an epoch: crosses one
     state = first.state_dict()
-    assert state == {"epoch": 1, "position": 1}  # workers ran ahead; the state is what was consumed
+    assert state == {"epoch": 1, "rows": 6}  # workers ran ahead; the state is what was consumed (3 rows x 2 ranks)
     rest = [first.next().input_ids for _ in range(3)]
     resumed = loader()
     resumed.load_state_dict(state)

@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .runtime import TrainingError, _deepspeed_records, barrier, first_line, host_any, safe_load
+from .runtime import TrainingError, _deepspeed_records, barrier, first_line, host_any, safe_load, save_checkpoint
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by the cluster, a checkpoint written; requeue with --resume auto
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -76,6 +76,19 @@ class StopSignals:
 
     def name(self) -> str:
         return self.received or "a signal on another rank"
+
+    def exit_if_agreed(self, s, step: int, total: int, last: Optional[str], guard, write, logger) -> None:
+        """At the end of optimizer step ``step`` of ``total``: once a rank got a signal (and the run is not at its
+        end), settle the non-finite guard, write this step's checkpoint (``runtime.save_checkpoint`` with the
+        trainer's ``write``; a scheduled one just written serves) and raise ``Preempted``. Every rank calls it."""
+        if step >= total or not self.agreed():
+            return
+        guard.read(last, logger.info)
+        if not last or not last.endswith(f"step_{step:08d}"):
+            last = save_checkpoint(s, step, last, write)
+        logger.info(f"stopping: {self.name()} at step {step}; checkpoint {last}")
+        logger.close()
+        raise Preempted(self.name(), step, last)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:

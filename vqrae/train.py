@@ -36,7 +36,7 @@ from .losses import (
 )
 from .metrics import CodebookUsage, usage_stats
 from .model import VQRAE, VQRAEConfig, VQRAEOutput
-from .elastic import Preempted, StopSignals
+from .elastic import StopSignals
 from .quantizer import FeatureStats, check_finite_features
 from .runtime import (
     EMA, EmptyBatches, NonFiniteGuard, OptimConfig, RunConfig, RunLogger, TrainingError, all_reduce_sum, autocast,
@@ -459,13 +459,7 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
             save_wanted = save_wanted or due(step, run.save_every, run.steps)
             if save_wanted and (guard.clear_to_save(step, last_ckpt, logger.info) or step == run.steps):
                 last_ckpt, save_wanted = save_checkpoint(s, step, last_ckpt, write), False
-            if step < run.steps and stop.agreed():  # pre-empted: this step's checkpoint, then out
-                guard.read(last_ckpt, logger.info)
-                if not last_ckpt or not last_ckpt.endswith(f"step_{step:08d}"):
-                    last_ckpt = save_checkpoint(s, step, last_ckpt, write)
-                logger.info(f"stopping: {stop.name()} at step {step}; checkpoint {last_ckpt}")
-                logger.close()
-                raise Preempted(stop.name(), step, last_ckpt)
+            stop.exit_if_agreed(s, step, run.steps, last_ckpt, guard, write, logger)  # pre-empted: checkpoint, out
 
         guard.read(last_ckpt, logger.info)
         bad = {k: v for k, v in data_stats.items() if k != "ok" and v}
