@@ -97,14 +97,16 @@ def build_model(cfg: MLLMTrainConfig, ds_cfg: Optional[dict] = None) -> tuple[Un
     Under ZeRO-3 (``ds_cfg``, the DeepSpeed config the engine gets) the LLM is built partitioned: each rank
     holds its share of the weights from the start (``partitioned_llm``), never a whole fp32 copy. Two matrices
     are whole for a moment: a vocabulary grown for the image tokens (transformers builds the resized embedding and
-    LM head whole; they are partitioned right after). A LoRA export given as ``init_from`` is loaded whole:
-    merging its adapter needs the whole weights; the engine partitions it.
+    LM head whole; they are partitioned right after). LoRA runs, and a LoRA export given as ``init_from``, load the
+    LLM whole and leave the partitioning to the engine: peft's trainable image-token rows are copied from the whole
+    embedding, and merging an adapter needs the whole weights.
     """
     if cfg.run.precision not in COMPUTE_DTYPES:
         raise ConfigError(f"run.precision must be one of {', '.join(COMPUTE_DTYPES)}, got '{cfg.run.precision}'")
     dtype = str(COMPUTE_DTYPES[cfg.run.precision]).removeprefix("torch.")  # the name MLLMConfig.dtype takes
     model_cfg = dataclasses.replace(cfg.model, dtype="float32")
-    zero3 = ds_cfg is not None and ds_cfg["zero_optimization"]["stage"] == 3
+    # LoRA keeps the LLM whole until the engine: peft's trainable image-token rows read the whole embedding
+    zero3 = ds_cfg is not None and ds_cfg["zero_optimization"]["stage"] == 3 and not cfg.model.lora.enabled
     llm_context = (lambda: partitioned_llm(ds_cfg)) if zero3 else contextlib.nullcontext
     if not cfg.init_from:
         model = UnifiedModel.build(model_cfg, llm_context=llm_context)
@@ -265,6 +267,13 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
         groups = trainable_groups(model, cfg)
         n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])
         optimizer = make_optimizer(groups, optim)
+        if zero_stage == 3 and cfg.model.lora.enabled:
+            # peft's trainable image-token rows of a tied LM head are the embedding's: ZeRO-3 gathers a layer's
+            # parameters, submodules included, only when it is a leaf
+            from deepspeed.utils import set_z3_leaf_modules
+            from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+            set_z3_leaf_modules(model, [TrainableTokensLayer], raise_if_not_found=False)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
                                                lr_scheduler=make_scheduler(optimizer, optim, run.steps))
 

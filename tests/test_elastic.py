@@ -275,7 +275,7 @@ def test_zero3_builds_the_llm_partitioned_and_trains_as_when_built_whole(assets,
     """On 2 ranks each holds about half of the parameter elements when the engine gets the model, and training
     and the export equal those of the LLM built whole on every rank: a fresh model (its vocabulary grown, or
     already padded for the new tokens, whose rows are then written through the gathered partitions) and one
-    continued from an export (``init_from``, as the LLaVA fine-tuning stage does)."""
+    continued from an export (``init_from``, as the LLaVA fine-tuning stage does). LoRA builds whole and trains."""
     from tests.helpers import make_llm, make_tokenizer
 
     padded = str(tmp_path / "padded_llm")
@@ -291,10 +291,12 @@ def test_zero3_builds_the_llm_partitioned_and_trains_as_when_built_whole(assets,
                      "overrides": [f"run.output_dir={out}", "run.steps=4", "run.zero_stage=3", "run.precision=bf16",
                                    "run.save_every=100", f"model.llm={llm}", f"model.vqrae={assets['vqrae']}",
                                    "model.image_positions=true", *data]})
-    out = str(tmp_path / "continued")
-    runs.append({"kind": "mllm", "config": "configs/mllm/tiny.yaml", "record": out, "out": out,
-                 "overrides": [f"run.output_dir={out}", "run.steps=2", "run.zero_stage=3", "run.save_every=100",
-                               f"init_from={runs[0]['out']}/model", *data]})
+    for name, lora, whole in (("continued", False, False), ("lora", True, False), ("lora_whole", True, True)):
+        out = str(tmp_path / name)
+        runs.append({"kind": "mllm", "config": "configs/mllm/tiny.yaml", "record": out, "out": out, "whole_llm": whole,
+                     "overrides": [f"run.output_dir={out}", "run.steps=2", "run.zero_stage=3", "run.save_every=100",
+                                   f"init_from={runs[0]['out']}/model", f"model.lora.enabled={str(lora).lower()}",
+                                   "model.lora.r=4", *data]})
     plan = str(tmp_path / "plan.json")
     with open(plan, "w") as f:
         json.dump(runs, f)
@@ -311,16 +313,19 @@ def test_zero3_builds_the_llm_partitioned_and_trains_as_when_built_whole(assets,
             rec = record(run, rank)
             assert rec["outcome"] == "done", (run["out"], rec["outcome"])
             held, total = rec["elements"]
-            if run.get("whole_llm"):
+            if run.get("whole_llm") or "lora" in run["out"]:  # LoRA builds whole: peft copies whole embedding rows
                 assert held == total
             else:  # the LLM halved; the projector and position table (a few thousand elements) are whole
                 llm_elements = sum(t.numel() for t in load_file(os.path.join(run["out"], "model", "llm", "model.safetensors")).values())
                 assert held <= total - llm_elements / 2 + 64, (run["out"], held, total)
-    for name in ("llm/model.safetensors", "projector.safetensors", "image_positions.safetensors"):
-        for a, b in ((runs[0], runs[1]), (runs[2], runs[3])):
-            wa = load_file(os.path.join(a["out"], "model", name))
-            wb = load_file(os.path.join(b["out"], "model", name))
-            assert same(wa, wb), (a["out"], name)
+    for name in ("llm/model.safetensors", "projector.safetensors", "image_positions.safetensors",
+                 "adapter/adapter_model.safetensors"):
+        for a, b in ((runs[0], runs[1]), (runs[2], runs[3]), (runs[5], runs[6])):
+            if os.path.exists(os.path.join(a["out"], "model", name)):
+                wa = load_file(os.path.join(a["out"], "model", name))
+                wb = load_file(os.path.join(b["out"], "model", name))
+                assert same(wa, wb), (a["out"], name)
+    assert os.path.exists(os.path.join(runs[5]["out"], "model", "adapter", "adapter_model.safetensors"))
     from mllm import UnifiedModel
 
     model = UnifiedModel.from_pretrained(os.path.join(runs[4]["out"], "model"))
