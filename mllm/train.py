@@ -225,6 +225,19 @@ def train_step(engine, model: UnifiedModel, task: str, batch: Batch, device: tor
     return MicroStep(task, out, tokens, ok, boundary, grad_norm)
 
 
+def register_tied_token_rows(module: torch.nn.Module) -> None:
+    """Under ZeRO-3, tell DeepSpeed that peft's image-token layer of a tied LM head uses the embedding layer's
+    trainable rows: a parameter used outside the module that holds it is otherwise not gathered there (a tied
+    LLM failed in backward on several ranks)."""
+    import deepspeed
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    for layer in module.modules():
+        if isinstance(layer, TrainableTokensLayer) and layer.tied_adapter is not None:
+            for param in layer.trainable_tokens_delta.parameters():
+                deepspeed.zero.register_external_parameter(layer, param)
+
+
 def trainable_groups(model: UnifiedModel, cfg: MLLMTrainConfig) -> list:
     """AdamW groups of what this stage trains: the LLM (or its LoRA weights), the projector unless only
     generation trains, and the image position table unless only understanding trains."""
@@ -267,15 +280,10 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
         groups = trainable_groups(model, cfg)
         n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])
         optimizer = make_optimizer(groups, optim)
-        if zero_stage == 3 and cfg.model.lora.enabled:
-            # peft's trainable image-token rows of a tied LM head are the embedding's: ZeRO-3 gathers a layer's
-            # parameters, submodules included, only when it is a leaf
-            from deepspeed.utils import set_z3_leaf_modules
-            from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-
-            set_z3_leaf_modules(model, [TrainableTokensLayer], raise_if_not_found=False)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
                                                lr_scheduler=make_scheduler(optimizer, optim, run.steps))
+        if zero_stage == 3 and cfg.model.lora.enabled:
+            register_tied_token_rows(engine.module)
 
         # -- data: rank 0 builds the data sets' caches first; codes_from is checked against the stored VQRAE ----
         if not s.main:
