@@ -119,6 +119,12 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None, greedy: bool =
     return (probs / race).argmax(dim=-1)
 
 
+def _accepts(coin: torch.Tensor, p_x: torch.Tensor, q_x: torch.Tensor) -> torch.Tensor:
+    """Speculative sampling's test: a draft x drawn from q is kept with probability min(1, p(x) / q(x)), given
+    coins uniform in [0, 1) (all 0 when greedy: kept exactly when p(x) > 0)."""
+    return coin * q_x < p_x
+
+
 def new_cache(lm: PreTrainedModel, batch: int, max_len: int, *, static: bool = True) -> Cache:
     """An empty KV cache for ``lm``: a ``StaticCache`` pre-allocated for ``batch`` rows of ``max_len``
     tokens (prompt + generated), or a ``DynamicCache`` that grows by concatenation.
@@ -290,7 +296,7 @@ def _jacobi_codes(
         p_x = p[:, : w - 1].gather(-1, drafts[..., None])[..., 0]
         q_x = q[:, : w - 1].gather(-1, drafts[..., None])[..., 0]
         coin = torch.zeros_like(p_x) if greedy else torch.rand(p_x.shape, generator=generator, device=device)
-        keep = coin * q_x < p_x  # probability min(1, p(x) / q(x))
+        keep = _accepts(coin, p_x, q_x)
         keep |= slots[: w - 1] < (accepted - cached - 1)[:, None]  # codes this row had already accepted
         # first rejected slot per row; w - 1 (no draft there) when every draft is kept
         stop = torch.cat([~keep, keep.new_ones(batch, 1)], dim=1).int().argmax(dim=1)
