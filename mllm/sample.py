@@ -37,7 +37,7 @@ _CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).paramete
 # On a CPU a dynamic cache beat the static one at 2 rows (one prompt with guidance: 1.14x) and lost at 32 (0.85x)
 DYNAMIC_ROWS_CPU = 4
 DECODINGS = ("autoregressive", "jacobi")
-DRAFT_INITS = ("uniform", "last")
+DRAFT_INITS = ("last", "uniform")
 
 
 @dataclass
@@ -53,9 +53,10 @@ class SamplingConfig:
     # a seed gives other images than autoregressive decoding). Text is always autoregressive.
     decoding: str = "autoregressive"
     window: int = 16  # jacobi: codes fed per forward (accepted codes not yet cached, then drafts); <= the image's
-    # jacobi: what a draft is drawn from at a code no forward has reached yet: "uniform" over the K codes, or
-    # "last", the farthest distribution the latest forward computed
-    draft_init: str = "uniform"
+    # jacobi: what a draft is drawn from at a code no forward has reached yet: "last", the farthest distribution
+    # the latest forward computed (neighbouring codes are alike: on the demo model 6.6 forwards per 36-code image
+    # against 10.2 with "uniform"), or "uniform" over the K codes
+    draft_init: str = "last"
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

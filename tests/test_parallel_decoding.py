@@ -179,8 +179,8 @@ def flat_lm():
 
 
 CASES = {
-    "plain, window 4, dynamic": (dict(window=4, cfg_scale=1.0), False, False, False),
-    "guided, temperature, static": (dict(window=4, cfg_scale=2.0, temperature=1.5), True, True, False),
+    "plain, window 4, dynamic, uniform": (dict(window=4, cfg_scale=1.0, draft_init="uniform"), False, False, False),
+    "guided, temperature, static, uniform": (dict(window=4, cfg_scale=2.0, temperature=1.5, draft_init="uniform"), True, True, False),
     "top-k 2, window 2, last": (dict(window=2, cfg_scale=1.0, top_k=2, draft_init="last"), False, False, False),
     "guided, top-p, positions, last": (dict(window=3, cfg_scale=1.5, top_p=0.8, draft_init="last"), True, True, True),
 }
@@ -194,11 +194,11 @@ def test_jacobi_samples_the_autoregressive_distribution(flat_lm, case):
 
 
 def test_the_distribution_test_passes_the_autoregressive_sampler(flat_lm):
-    options, guided, static, _ = CASES["guided, temperature, static"]
+    options, guided, static, _ = CASES["guided, temperature, static, uniform"]
     assert min(sampled_p_values(flat_lm, SamplingConfig(seed=0, **options), guided, static, None)) > 1e-3
 
 
-@pytest.mark.parametrize("case", ["plain, window 4, dynamic", "top-k 2, window 2, last"])
+@pytest.mark.parametrize("case", ["plain, window 4, dynamic, uniform", "top-k 2, window 2, last"])
 def test_the_distribution_test_fails_for_a_wrong_acceptance_rule(flat_lm, case, monkeypatch):
     options, guided, static, with_positions = CASES[case]
     monkeypatch.setattr(sample, "_accepts", lambda coin, p_x, q_x: torch.ones_like(p_x, dtype=torch.bool))
@@ -214,7 +214,7 @@ def test_the_distribution_test_fails_for_a_wrong_acceptance_rule(flat_lm, case, 
     [
         (dict(decoding="beam"), "autoregressive, jacobi"),
         (dict(decoding="jacobi", window=0), "window"),
-        (dict(decoding="jacobi", draft_init="zeros"), "uniform, last"),
+        (dict(decoding="jacobi", draft_init="zeros"), "last, uniform"),
     ],
 )
 def test_bad_decoding_options_raise_one_line(kwargs, words):
