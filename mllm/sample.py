@@ -57,6 +57,9 @@ class SamplingConfig:
     # the latest forward computed (neighbouring codes are alike: on the demo model 6.6 forwards per 36-code image
     # against 10.2 with "uniform"), or "uniform" over the K codes
     draft_init: str = "last"
+    # jacobi: a draft x is kept with probability min(1, lenience * p(x) / q(x)). 1 = exact; above 1 keeps more
+    # drafts (fewer forwards) and moves the images' distribution toward the drafts' (lossy; docs/benchmarks.md)
+    lenience: float = 1.0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -73,6 +76,10 @@ class SamplingConfig:
             raise ValueError(f"window must be >= 1 (codes per forward with decoding 'jacobi'), got {self.window}")
         if self.draft_init not in DRAFT_INITS:
             raise ValueError(f"draft_init must be one of {', '.join(DRAFT_INITS)}, got {self.draft_init!r}")
+        if not self.lenience >= 1:
+            raise ValueError(f"lenience must be >= 1 (1 = exact), got {self.lenience}")
+        if self.lenience != 1 and self.decoding != "jacobi":
+            raise ValueError(f"lenience={self.lenience} relaxes decoding 'jacobi'; decoding is {self.decoding!r}")
 
 
 def sample_logits(
@@ -120,10 +127,11 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None, greedy: bool =
     return (probs / race).argmax(dim=-1)
 
 
-def _accepts(coin: torch.Tensor, p_x: torch.Tensor, q_x: torch.Tensor) -> torch.Tensor:
+def _accepts(coin: torch.Tensor, p_x: torch.Tensor, q_x: torch.Tensor, lenience: float = 1.0) -> torch.Tensor:
     """Speculative sampling's test: a draft x drawn from q is kept with probability min(1, p(x) / q(x)), given
-    coins uniform in [0, 1) (all 0 when greedy: kept exactly when p(x) > 0)."""
-    return coin * q_x < p_x
+    coins uniform in [0, 1) (all 0 when greedy: kept exactly when p(x) > 0); ``lenience`` > 1 scales p(x) up
+    (lossy)."""
+    return coin * q_x < lenience * p_x
 
 
 def new_cache(lm: PreTrainedModel, batch: int, max_len: int, *, static: bool = True) -> Cache:
@@ -297,7 +305,7 @@ def _jacobi_codes(
         p_x = p[:, : w - 1].gather(-1, drafts[..., None])[..., 0]
         q_x = q[:, : w - 1].gather(-1, drafts[..., None])[..., 0]
         coin = torch.zeros_like(p_x) if greedy else torch.rand(p_x.shape, generator=generator, device=device)
-        keep = _accepts(coin, p_x, q_x)
+        keep = _accepts(coin, p_x, q_x, sampling.lenience)
         keep |= slots[: w - 1] < (accepted - cached - 1)[:, None]  # codes this row had already accepted
         # first rejected slot per row; w - 1 (no draft there) when every draft is kept
         stop = torch.cat([~keep, keep.new_ones(batch, 1)], dim=1).int().argmax(dim=1)

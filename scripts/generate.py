@@ -34,6 +34,7 @@ from vqrae.cli import Parser, UsageError, one_line  # noqa: E402
 DEFAULT_MODEL = "outputs/demo/mllm/model"  # where scripts/run_demo.sh leaves the unified model
 DEFAULT_OUT = "outputs/generated"
 MAX_IMAGES = 4096  # images per run: beyond this a job is better split into runs that can each be rerun alone
+IMAGE_FLAGS = ("decoding", "window", "draft_init", "lenience")  # SamplingConfig fields for image codes only
 GRID_MAX = 256  # grid.png shows at most this many images (whole prompt rows where it can), so it stays viewable
 
 
@@ -56,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=None, help="codes per forward with --decoding jacobi")
     p.add_argument("--draft-init", choices=["last", "uniform"], default=None,
                    help="--decoding jacobi: what codes no forward has reached are drafted from")
+    p.add_argument("--lenience", type=float, default=None,
+                   help="--decoding jacobi: keep drafts with min(1, lenience * p / q); 1 = exact, > 1 lossy and faster")
     p.add_argument("--seed", type=int, default=None, help="default: a fresh seed, printed")
     p.add_argument("--negative-prompt", default=None, help="text the unconditional branch uses instead of '' (with --cfg != 1)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the PNGs (default {DEFAULT_OUT})")
@@ -96,7 +99,7 @@ def _check_writable(out: str) -> None:
 
 def validate(args: argparse.Namespace) -> list[str]:
     """Everything checkable without torch; returns the prompts (captions, or the one question)."""
-    for name in ("cfg", "temperature", "top_p"):
+    for name in ("cfg", "temperature", "top_p", "lenience"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -117,7 +120,7 @@ def validate(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None and args.prompts is not None:
         raise UsageError("pass --prompt or --prompts, not both")
     if args.image is not None:
-        given = [f"--{k.replace('_', '-')}" for k in ("decoding", "window", "draft_init") if getattr(args, k) is not None]
+        given = [f"--{k.replace('_', '-')}" for k in IMAGE_FLAGS if getattr(args, k) is not None]
         if given:
             raise UsageError(f"{', '.join(given)} set how image codes are decoded; answers to --image are text")
         if args.prompt is None:
@@ -242,8 +245,7 @@ def _run(args: argparse.Namespace, prompts: list[str]) -> None:
         given["temperature"] = args.temperature
     if args.cfg is not None:
         given["cfg_scale"] = args.cfg
-    image_flags = dict(decoding=args.decoding, window=args.window, draft_init=args.draft_init)
-    given.update({k: v for k, v in image_flags.items() if v is not None})
+    given.update({k: getattr(args, k) for k in IMAGE_FLAGS if getattr(args, k) is not None})
     model = _load_model(args.model, device, dtype, args.trust_remote_code)
     sampling = model.sampling_config(seed=seed, **given)  # the model's own defaults, then the flags
     grid = _write_images(model, prompts, sampling, args)

@@ -201,9 +201,15 @@ def test_the_distribution_test_passes_the_autoregressive_sampler(flat_lm):
 @pytest.mark.parametrize("case", ["plain, window 4, dynamic, uniform", "top-k 2, window 2, last"])
 def test_the_distribution_test_fails_for_a_wrong_acceptance_rule(flat_lm, case, monkeypatch):
     options, guided, static, with_positions = CASES[case]
-    monkeypatch.setattr(sample, "_accepts", lambda coin, p_x, q_x: torch.ones_like(p_x, dtype=torch.bool))
+    monkeypatch.setattr(sample, "_accepts", lambda coin, p_x, q_x, lenience: torch.ones_like(p_x, dtype=torch.bool))
     # The test above asserts every p-value > 1e-3; here one is far below.
     assert min(sampled_p_values(flat_lm, jacobi(seed=0, **options), guided, static, None)) < 1e-4
+
+
+def test_lenient_acceptance_is_lossy(flat_lm):
+    """The named lossy option fails the test the exact rule passes (its cost on the demo: docs/benchmarks.md)."""
+    options, guided, static, _ = CASES["guided, temperature, static, uniform"]
+    assert min(sampled_p_values(flat_lm, jacobi(seed=0, lenience=3.0, **options), guided, static, None)) < 1e-4
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -215,6 +221,8 @@ def test_the_distribution_test_fails_for_a_wrong_acceptance_rule(flat_lm, case, 
         (dict(decoding="beam"), "autoregressive, jacobi"),
         (dict(decoding="jacobi", window=0), "window"),
         (dict(decoding="jacobi", draft_init="zeros"), "last, uniform"),
+        (dict(decoding="jacobi", lenience=0.5), "lenience"),
+        (dict(lenience=2.0), "lenience.*'autoregressive'"),
     ],
 )
 def test_bad_decoding_options_raise_one_line(kwargs, words):
