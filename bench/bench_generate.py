@@ -156,7 +156,9 @@ def parallel(args, device: torch.device) -> None:
     decoders = {"autoregressive": {}}
     for w in map(int, args.windows.split(",")):
         for init in args.draft_inits.split(","):
-            decoders[f"jacobi w={w} {init}"] = dict(decoding="jacobi", window=w, draft_init=init)
+            for lenience in map(float, args.leniences.split(",")):
+                name = f"jacobi w={w} {init}" + (f" lenience {lenience:g}" if lenience != 1 else "")
+                decoders[name] = dict(decoding="jacobi", window=w, draft_init=init, lenience=lenience)
     rows = []
     for mode, base in ((m, modes[m]) for m in args.modes.split(",") if m in modes):
         for batch in map(int, args.batches.split(",")):
@@ -206,6 +208,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8", help="--parallel: comma list of images per sampler call")
     parser.add_argument("--windows", default="16", help="--parallel: comma list of Jacobi windows")
     parser.add_argument("--draft-inits", default="last", help="--parallel: comma list of last, uniform")
+    parser.add_argument("--leniences", default="1", help="--parallel: comma list of Jacobi leniences (1 = exact)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
