@@ -15,6 +15,10 @@ run through ``torch.compile`` (CUDA graphs).
 
 Image generation uses classifier-free guidance (Ho & Salimans, 2022) with the conditional and unconditional
 prompts in one batch of 2B rows: guided logits = u + s (c - u).
+
+With ``SamplingConfig(decoding="jacobi")`` image codes take fewer forwards than one per code: speculative Jacobi
+decoding (Teng et al., 2024, ``_jacobi_codes``) feeds a window of draft codes per forward and keeps the drafts the
+speculative-sampling rule accepts, which leaves the distribution of the codes exactly the autoregressive one.
 """
 from __future__ import annotations
 
@@ -178,7 +182,7 @@ def generate_image_codes(
         prompt_ids: B token-id lists (the conditions).
         vocab: the image tokens' ids in the extended vocabulary.
         num_tokens: code tokens per image (H * W of the token grid).
-        sampling: temperature / top-k / top-p / guidance scale / seed.
+        sampling: temperature / top-k / top-p / guidance scale / seed / decoding (autoregressive or Jacobi).
         uncond_ids: unconditional prompts for guidance, B lists or one list shared by all rows. Required
             unless ``sampling.cfg_scale == 1``; when None only the B conditional rows run.
         pad_id: token id used for left padding (masked out, never attended to).
@@ -187,7 +191,7 @@ def generate_image_codes(
             reused across calls; it is reset first. Default: sized for this call; static, except dynamic for at
             most ``DYNAMIC_ROWS_CPU`` rows on a CPU, where that measured faster (docs/benchmarks.md).
         compile_step: on CUDA, run each one-token step through ``torch.compile`` with CUDA graphs; needs a
-            static cache (the default). Ignored on other devices.
+            static cache (the default) and autoregressive decoding. Ignored on other devices.
         positions: (num_tokens, H) embeddings of the image-token indices (``UnifiedModel.image_positions``):
             row t is added to the input embedding of code t when it is fed back. None: codes go in as ids.
     """

@@ -206,8 +206,10 @@ def build_app(model, max_new_tokens: int = 256, examples_dir: str = DEMO_IMAGES)
                         num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="images")
                         guidance = gr.Slider(0, MAX_CFG, value=defaults.cfg_scale, step=0.1, label="guidance")
                     with gr.Row():
-                        temperature = gr.Slider(0, MAX_TEMPERATURE, value=defaults.temperature, step=0.05,
-                                                label="temperature (0 = greedy)")
+                        # Several images per request: a model saved greedy (temperature 0) would draw one image
+                        # n times, so the page starts at temperature 1 for it; the greedy button is one click.
+                        temperature = gr.Slider(0, MAX_TEMPERATURE, value=defaults.temperature or 1.0, step=0.05,
+                                                label="temperature (0 = greedy)", elem_id="draw-temperature")
                         top_k = gr.Number(value=defaults.top_k, precision=0, minimum=0, label="top-k (0 = off)")
                         top_p = gr.Slider(0.01, 1, value=defaults.top_p, step=0.01, label="top-p (1 = off)")
                     with gr.Row():
