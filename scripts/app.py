@@ -98,11 +98,11 @@ class Handlers:
         if seed != int(seed) or not 0 <= seed < SEED_LIMIT:
             raise gr.Error(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed}")
         seed, num_images = int(seed), int(num_images)
-        sampling = self.model.sampling_config(
-            seed=seed, cfg_scale=float(guidance), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-            decoding=decoding,
-        )
         try:
+            sampling = self.model.sampling_config(  # options that cannot combine fail here
+                seed=seed, cfg_scale=float(guidance), temperature=float(temperature), top_k=int(top_k),
+                top_p=float(top_p), decoding=decoding,
+            )
             build_generation_prompts(self.model, [prompt], negative or None)  # a too-long prompt fails here
         except ValueError as e:
             raise gr.Error(str(e)) from None
