@@ -114,8 +114,11 @@ class Handlers:
             start = time.perf_counter()
             # One generator across the images: the same seed gives the same images as
             # scripts/generate.py --seed S --num-images N --batch-size 1.
-            out = generate_images(self.model, [prompt], sampling, num_images=1, negative_prompt=negative or None,
-                                  batch_size=1, generator=generator)
+            try:  # e.g. a saved Jacobi window longer than this model's images
+                out = generate_images(self.model, [prompt], sampling, num_images=1, negative_prompt=negative or None,
+                                      batch_size=1, generator=generator)
+            except ValueError as e:
+                raise gr.Error(str(e)) from None
             seconds = time.perf_counter() - start
             pixels = to_uint8(out.images[0]).permute(1, 2, 0).numpy()  # (H, W, 3)
             gallery.append((pixels, f"{seconds:.2f} s · seed {seed} #{i + 1}"))
