@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draft-init", choices=["last", "uniform"], default=None,
                    help="--decoding jacobi: what codes no forward has reached are drafted from")
     p.add_argument("--lenience", type=float, default=None,
-                   help="--decoding jacobi: keep drafts with min(1, lenience * p / q); 1 = exact, > 1 lossy and faster")
+                   help="--decoding jacobi: keep drafts with min(1, lenience * p / q); 1 = exact, > 1 keeps more (lossy)")
     p.add_argument("--seed", type=int, default=None, help="default: a fresh seed, printed")
     p.add_argument("--negative-prompt", default=None, help="text the unconditional branch uses instead of '' (with --cfg != 1)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the PNGs (default {DEFAULT_OUT})")

@@ -113,6 +113,17 @@ def test_a_predictable_model_takes_fewer_forwards(monkeypatch):
     assert len(calls) == 1 + -(-(n - 1) // 8)  # the prefill, then windows of 8 codes
 
 
+def test_jacobi_sampling_is_a_function_of_the_seed(lm):
+    def run(seed, generator=None):
+        sampling = jacobi(temperature=1.0, cfg_scale=2.0, window=4, seed=seed)
+        return generate_image_codes(lm, PROMPTS, SPEC, N, sampling, uncond_ids=UNCOND, pad_id=PAD, generator=generator)
+
+    first = run(3)
+    assert torch.equal(run(3), first)
+    assert not torch.equal(run(4), first)
+    assert torch.equal(run(None, torch.Generator().manual_seed(3)), first)  # a passed generator wins
+
+
 # ----------------------------------------------------------------------------- sampling: the same distribution
 
 CODES, LENGTH = 3, 4  # 3 ** 4 = 81 code sequences, each enumerable
