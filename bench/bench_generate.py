@@ -10,10 +10,22 @@ the speed-up of ours over HF, and the peak memory above the model weights.
 
   python bench/bench_generate.py --preset cpu-small
   python bench/bench_generate.py --preset gpu-1.4b --device cuda --compile
+
+With --parallel it compares speculative Jacobi decoding (SamplingConfig(decoding="jacobi")) with the
+autoregressive sampler instead: sequential LLM forwards per sampler call and wall time per image, at batch 1
+(one image per call, over several prompts) and batch 8 (the same prompts in one call), as ratios against the
+autoregressive run of the same process. --model runs a saved unified model (e.g. the demo's) on its own
+captions, image positions and sampling defaults instead of a preset's random LLaMA.
+
+  python bench/bench_generate.py --parallel --model outputs/demo/mllm/model
+  python bench/bench_generate.py --parallel --preset cpu-small --windows 8,16
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -23,6 +35,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from peak_memory import PeakMemory  # bench/, the script's folder
 
+import mllm.sample
 from mllm.sample import SamplingConfig, generate_image_codes, new_cache
 from mllm.vocab import ImageVocab
 
@@ -95,6 +108,88 @@ def timed(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict[st
     return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
 
 
+class ForwardCounter:
+    """Counts the LLM forwards the sampler runs (prefill, one-token steps, Jacobi windows) while entered."""
+
+    def __enter__(self) -> "ForwardCounter":
+        self.count, self.forward = 0, mllm.sample._forward
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return self.forward(*args, **kwargs)
+
+        mllm.sample._forward = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        mllm.sample._forward = self.forward
+
+
+def parallel_workload(args, device: torch.device):
+    """(lm, vocab, pad id, codes per image, image positions, prompts, uncond prompt, sampling modes)."""
+    if args.model:
+        from mllm.data import pad_token_id
+        from mllm.inference import build_generation_prompts, load_model
+
+        model = load_model(args.model, device)
+        meta = os.path.join(args.data, "test", "metadata.jsonl")
+        captions = [json.loads(line)["caption"] for line in open(meta)][: args.prompts]
+        ids = build_generation_prompts(model, captions)
+        own = model.sampling_config(decoding="autoregressive")
+        modes = {"own": own, "greedy": dataclasses.replace(own, temperature=0.0)}
+        return (model.llm, model.vocab, pad_token_id(model.tokenizer), model.vqrae.num_tokens,
+                model.image_position_table(), ids.cond, [ids.uncond], modes)
+    preset = PRESETS[args.preset]
+    lm, spec, pad_id = build_model(preset, device, getattr(torch, args.dtype or preset.dtype))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, spec.boi_id, (int(n),), generator=g).tolist() for n in torch.randint(8, 33, (args.prompts,), generator=g)]
+    modes = {"sample": SamplingConfig(temperature=1.0, cfg_scale=4.0), "greedy": SamplingConfig(temperature=0.0, cfg_scale=4.0)}
+    return lm, spec, pad_id, NUM_TOKENS, None, prompts, [[1]], modes
+
+
+def parallel(args, device: torch.device) -> None:
+    """Autoregressive against Jacobi decoding, batch 1 and 8: sequential forwards per call, seconds per image."""
+    lm, spec, pad_id, n, positions, prompts, uncond, modes = parallel_workload(args, device)
+    what = args.model or f"preset {args.preset}"
+    print(f"{what}: device={device} threads={torch.get_num_threads()} codes/image={n} prompts={len(prompts)} "
+          f"params={sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M")
+    decoders = {"autoregressive": {}}
+    for w in map(int, args.windows.split(",")):
+        for init in args.draft_inits.split(","):
+            for lenience in map(float, args.leniences.split(",")):
+                name = f"jacobi w={w} {init}" + (f" lenience {lenience:g}" if lenience != 1 else "")
+                decoders[name] = dict(decoding="jacobi", window=w, draft_init=init, lenience=lenience)
+    rows = []
+    for mode, base in ((m, modes[m]) for m in args.modes.split(",") if m in modes):
+        for batch in map(int, args.batches.split(",")):
+            fns, forwards = {}, {}
+            for name, options in decoders.items():
+                sampling = dataclasses.replace(base, seed=0, **options)
+
+                def call(sampling=sampling, name=name):
+                    calls = []
+                    for start in range(0, len(prompts), batch):
+                        with ForwardCounter() as counter:
+                            generate_image_codes(lm, prompts[start : start + batch], spec, n, sampling, pad_id=pad_id,
+                                                 uncond_ids=uncond if sampling.cfg_scale != 1 else None, positions=positions)
+                        calls.append(counter.count)
+                    forwards[name] = statistics.mean(calls)
+
+                fns[name] = call
+            result = timed(fns, device, args.warmup, args.repeats)
+            t_ar, f_ar = result["autoregressive"][0], forwards["autoregressive"]
+            for name in decoders:
+                t = result[name][0]
+                rows.append((mode, batch, name, forwards[name], t / len(prompts), f_ar / forwards[name], t_ar / t))
+                print(f"  {mode} batch {batch} {name}: {forwards[name]:.1f} forwards per call, "
+                      f"{t / len(prompts):.4f} s per image", flush=True)
+    print()
+    print("| sampling | batch | decoding | sequential forwards per call | s per image | fewer forwards | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, batch, name, f, t, f_ratio, t_ratio in rows:
+        print(f"| {mode} | {batch} | {name} | {f:.1f} | {t:.4f} | {f_ratio:.2f}x | {t_ratio:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
@@ -106,9 +201,22 @@ def main() -> None:
     parser.add_argument("--workloads", default="cfg,batch32", help="comma list of cfg, batch32")
     parser.add_argument("--compile", action="store_true", help="CUDA only: compiled one-token step (CUDA graphs)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads; default: torch's choice")
+    parser.add_argument("--parallel", action="store_true", help="Jacobi against autoregressive decoding (see above)")
+    parser.add_argument("--model", default=None, help="--parallel: a saved unified model instead of a preset")
+    parser.add_argument("--data", default="data/shapes", help="--parallel --model: captions from DATA/test")
+    parser.add_argument("--prompts", type=int, default=8, help="--parallel: prompts per run")
+    parser.add_argument("--batches", default="1,8", help="--parallel: comma list of images per sampler call")
+    parser.add_argument("--windows", default="16", help="--parallel: comma list of Jacobi windows")
+    parser.add_argument("--draft-inits", default="last", help="--parallel: comma list of last, uniform")
+    parser.add_argument("--leniences", default="1", help="--parallel: comma list of Jacobi leniences (1 = exact)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.parallel:
+        if args.modes == "greedy,sample":
+            args.modes = "own,sample,greedy"
+        parallel(args, torch.device(args.device))
+        return
 
     preset = PRESETS[args.preset]
     device = torch.device(args.device)

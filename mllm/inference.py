@@ -4,6 +4,7 @@ These are the steps behind ``scripts/generate.py``, usable from Python::
 
     model = load_model("outputs/demo/mllm/model", device="cuda")
     result = generate_images(model, ["a red circle"], SamplingConfig(seed=0), num_images=4)
+    faster = generate_images(model, ["a red circle"], model.sampling_config(seed=0, decoding="jacobi"))
     saved = save_images(result, "outputs/generated")
     answer = answer_question(model, read_image("photo.png"), "What colour is the shape?")
 
@@ -152,13 +153,14 @@ def generate_images(
     Args:
         model: from ``load_model``.
         prompts: P captions.
-        sampling: temperature / top-k / top-p / guidance scale; its seed seeds the generator when none is
-            passed. ``cfg_scale == 1`` runs the conditional branch only.
+        sampling: temperature / top-k / top-p / guidance scale / decoding; its seed seeds the generator when
+            none is passed. ``cfg_scale == 1`` runs the conditional branch only. ``decoding="jacobi"`` draws the
+            same distribution of images in fewer LLM forwards (``mllm.sample``).
         num_images: n, images per prompt.
         negative_prompt: text for the unconditional branch instead of the empty caption.
         batch_size: images per sampler call (a guided call runs twice as many rows).
         generator: RNG on the model's device, drawn from across all batches.
-        compile_step: on CUDA, compile the one-token decode step (see ``mllm.sample``).
+        compile_step: on CUDA, compile the one-token decode step of autoregressive decoding (``mllm.sample``).
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")

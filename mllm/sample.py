@@ -15,6 +15,10 @@ run through ``torch.compile`` (CUDA graphs).
 
 Image generation uses classifier-free guidance (Ho & Salimans, 2022) with the conditional and unconditional
 prompts in one batch of 2B rows: guided logits = u + s (c - u).
+
+With ``SamplingConfig(decoding="jacobi")`` image codes take fewer forwards than one per code: speculative Jacobi
+decoding (Teng et al., 2024, ``_jacobi_codes``) feeds a window of draft codes per forward and keeps the drafts the
+speculative-sampling rule accepts, which leaves the distribution of the codes exactly the autoregressive one.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from .vocab import ImageVocab
 _CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 # On a CPU a dynamic cache beat the static one at 2 rows (one prompt with guidance: 1.14x) and lost at 32 (0.85x)
 DYNAMIC_ROWS_CPU = 4
+DECODINGS = ("autoregressive", "jacobi")
+DRAFT_INITS = ("last", "uniform")
 
 
 @dataclass
@@ -45,6 +51,19 @@ class SamplingConfig:
     top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose mass reaches top_p; 1 = off
     cfg_scale: float = 4.0  # image guidance s in u + s (c - u); 1 = conditional logits only
     seed: int | None = None  # seeds a private generator when none is passed; None = torch's global RNG
+    # How image codes are decoded: "autoregressive", one LLM forward per code; "jacobi", speculative Jacobi
+    # decoding (Teng et al., 2024): each forward runs a window of draft codes and keeps those the speculative-
+    # sampling rule accepts, so the codes have exactly the autoregressive distribution (other random draws, so
+    # a seed gives other images than autoregressive decoding). Text is always autoregressive.
+    decoding: str = "autoregressive"
+    window: int = 16  # jacobi: codes fed per forward (accepted codes not yet cached, then drafts); <= the image's
+    # jacobi: what a draft is drawn from at a code no forward has reached yet: "last", the farthest distribution
+    # the latest forward computed (neighbouring codes are alike: on the demo model 6.6 forwards per 36-code image
+    # against 10.2 with "uniform"), or "uniform" over the K codes
+    draft_init: str = "last"
+    # jacobi: a draft x is kept with probability min(1, lenience * p(x) / q(x)). 1 = exact; above 1 keeps more
+    # drafts (fewer forwards) and moves the images' distribution toward the drafts' (lossy; docs/benchmarks.md)
+    lenience: float = 1.0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -55,6 +74,16 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {self.decoding!r}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1 (codes per forward with decoding 'jacobi'), got {self.window}")
+        if self.draft_init not in DRAFT_INITS:
+            raise ValueError(f"draft_init must be one of {', '.join(DRAFT_INITS)}, got {self.draft_init!r}")
+        if not self.lenience >= 1:
+            raise ValueError(f"lenience must be >= 1 (1 = exact), got {self.lenience}")
+        if self.lenience != 1 and self.decoding != "jacobi":
+            raise ValueError(f"lenience={self.lenience} relaxes decoding 'jacobi'; decoding is {self.decoding!r}")
 
 
 def sample_logits(
@@ -67,6 +96,14 @@ def sample_logits(
     """
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
+    return _draw(processed_probs(logits, cfg), generator)
+
+
+def processed_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The distribution ``sample_logits`` draws from: float probabilities (..., V) after temperature, top-k and
+    top-p; one-hot at the argmax when greedy (temperature 0)."""
+    if cfg.temperature == 0:
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     logits = logits.float()  # softmax over bf16 logits loses the tail
     if cfg.temperature != 1:
         logits = logits / cfg.temperature
@@ -80,12 +117,25 @@ def sample_logits(
         drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= cfg.top_p
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
+    return logits.softmax(dim=-1)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None, greedy: bool = False) -> torch.Tensor:
+    """One index per row of (possibly unnormalised) probabilities (..., V); the argmax when ``greedy``."""
+    if greedy:
+        return probs.argmax(dim=-1)
     # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i (the Gumbel-max
     # trick in another form) without multinomial's host synchronisation. The clamp keeps p = 0 tokens at 0
     # should a draw underflow to 0.
     race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
     return (probs / race).argmax(dim=-1)
+
+
+def _accepts(coin: torch.Tensor, p_x: torch.Tensor, q_x: torch.Tensor, lenience: float = 1.0) -> torch.Tensor:
+    """Speculative sampling's test: a draft x drawn from q is kept with probability min(1, p(x) / q(x)), given
+    coins uniform in [0, 1) (all 0 when greedy: kept exactly when p(x) > 0); ``lenience`` > 1 scales p(x) up
+    (lossy)."""
+    return coin * q_x < lenience * p_x
 
 
 def new_cache(lm: PreTrainedModel, batch: int, max_len: int, *, static: bool = True) -> Cache:
@@ -132,7 +182,7 @@ def generate_image_codes(
         prompt_ids: B token-id lists (the conditions).
         vocab: the image tokens' ids in the extended vocabulary.
         num_tokens: code tokens per image (H * W of the token grid).
-        sampling: temperature / top-k / top-p / guidance scale / seed.
+        sampling: temperature / top-k / top-p / guidance scale / seed / decoding (autoregressive or Jacobi).
         uncond_ids: unconditional prompts for guidance, B lists or one list shared by all rows. Required
             unless ``sampling.cfg_scale == 1``; when None only the B conditional rows run.
         pad_id: token id used for left padding (masked out, never attended to).
@@ -141,7 +191,7 @@ def generate_image_codes(
             reused across calls; it is reset first. Default: sized for this call; static, except dynamic for at
             most ``DYNAMIC_ROWS_CPU`` rows on a CPU, where that measured faster (docs/benchmarks.md).
         compile_step: on CUDA, run each one-token step through ``torch.compile`` with CUDA graphs; needs a
-            static cache (the default). Ignored on other devices.
+            static cache (the default) and autoregressive decoding. Ignored on other devices.
         positions: (num_tokens, H) embeddings of the image-token indices (``UnifiedModel.image_positions``):
             row t is added to the input embedding of code t when it is fed back. None: codes go in as ids.
     """
@@ -162,21 +212,31 @@ def generate_image_codes(
         rows = [list(p) + [vocab.boi_id] for p in prompt_ids]
 
     n = num_tokens
+    jacobi = sampling.decoding == "jacobi"
+    if jacobi and sampling.window > n:
+        raise ValueError(f"window={sampling.window} is longer than the image's {n} codes: use 1 to {n}")
+    if jacobi and compile_step:
+        raise ValueError("compile_step compiles the one-token step of decoding 'autoregressive'; 'jacobi' runs uncompiled")
     device = lm.device
     ids, mask = _left_pad(rows, pad_id, device)
     lo = vocab.code_offset
     run = _Decoder(lm, {"input_ids": ids}, mask, n - 1, cache, compile_step, vocab=(lo, lo + vocab.codebook_size))
     generator = _generator(sampling, generator, device)
 
+    def guide(code_logits: torch.Tensor) -> torch.Tensor:  # (rows, ..., K) -> (B, ..., K)
+        if not guided:
+            return code_logits
+        cond, uncond_logits = code_logits[:batch].float(), code_logits[batch:].float()
+        # u + s (c - u) written as c + (s - 1)(c - u), which is exactly c at s = 1.
+        return cond + (sampling.cfg_scale - 1) * (cond - uncond_logits)
+
     code_logits = run.prefill()  # (rows, K): the only tokens an image may contain
+    if jacobi:
+        return _jacobi_codes(run, guide, code_logits, sampling, generator, n, lo, len(rows) // batch, positions)
     codes = torch.empty(batch, n, dtype=torch.long, device=device)
     step_ids = torch.empty(len(rows), 1, dtype=torch.long, device=device)
     for t in range(n):
-        if guided:
-            cond, uncond_logits = code_logits[:batch].float(), code_logits[batch:].float()
-            # u + s (c - u) written as c + (s - 1)(c - u), which is exactly c at s = 1.
-            code_logits = cond + (sampling.cfg_scale - 1) * (cond - uncond_logits)
-        idx = sample_logits(code_logits, sampling, generator)  # (B,)
+        idx = sample_logits(guide(code_logits), sampling, generator)  # (B,)
         codes[:, t] = idx
         if t == n - 1:
             break
@@ -184,6 +244,98 @@ def generate_image_codes(
         step_ids.view(-1, batch).copy_((idx + lo).expand(step_ids.numel() // batch, batch))
         code_logits = run.step(step_ids, None if positions is None else positions[t])
     return codes
+
+
+def _jacobi_codes(
+    run: "_Decoder",
+    guide,
+    first_logits: torch.Tensor,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+    n: int,
+    lo: int,
+    copies: int,
+    positions: torch.Tensor | None,
+) -> torch.Tensor:
+    """Speculative Jacobi decoding (Teng et al., 2024) of n codes per image after a prefill; returns (B, n).
+
+    Each image row b holds ``seq[b]``: its accepted codes (the first ``accepted[b]``), then drafts. The cache
+    holds the prompt and the first ``cached`` codes, the same count for every row: the fewest any row has both
+    accepted and fed (every row's last accepted code is not fed yet). A forward feeds codes
+    ``cached .. cached + w - 1`` (per row: accepted codes, then drafts) and gives p for codes
+    ``cached + 1 .. cached + w``. Row by row, from its first unaccepted code, a draft x drawn from q is kept
+    with probability min(1, p(x) / q(x)); at the first rejection a code is drawn from norm(max(0, p - q)) and
+    the drafts after it are dropped (Leviathan et al., 2023, speculative sampling), so each accepted code is a
+    draw from p given the codes before it, exactly as in autoregressive decoding. When every draft is kept the
+    window's last p gives one more code. p and q are the processed (temperature, top-k, top-p, guidance)
+    distributions, so the rule samples from the processed one.
+
+    Rows accept different counts. A row ahead re-feeds its accepted codes beyond the shared cache length in the
+    next window (recomputed, never sampled again), so no row waits for another and none is cut back; a row ahead
+    by d codes has d fewer draft slots, so it stays less than one window ahead. Every forward accepts at least
+    one code per unfinished row, and the cache is rolled back to the shared length after each, so it ends
+    holding the prompt and the first n - 1 codes, as after sequential decoding.
+
+    Drafts after a rejection are drawn afresh from the latest forward's p (the Jacobi update); a code no forward
+    has reached yet gets one from ``sampling.draft_init``. Each draft is tested at most once, against the p of
+    the forward that follows its draw; that is what keeps the rule exact (a tested draft would be biased).
+    """
+    greedy = sampling.temperature == 0
+    p0 = processed_probs(guide(first_logits), sampling)  # (B, K): code 0, as in autoregressive decoding
+    batch, k = p0.shape
+    device = p0.device
+    width = sampling.window
+    uniform = p0.new_full((batch, k), 1 / k)
+
+    def initial(p_last: torch.Tensor) -> torch.Tensor:  # (B, K): proposal for codes no forward reached yet
+        return p_last if sampling.draft_init == "last" else uniform
+
+    seq = torch.zeros(batch, n, dtype=torch.long, device=device)
+    seq[:, 0] = _draw(p0, generator, greedy)
+    accepted = torch.ones(batch, dtype=torch.long, device=device)
+    cached = 0
+    # q[:, i]: the distribution the draft of code cached + 1 + i was drawn from
+    init = initial(p0)
+    q = init[:, None].expand(batch, width, k).clone()
+    if n > 1:
+        seq[:, 1:width] = _draw(q[:, : width - 1], generator, greedy)
+    slots = torch.arange(width, device=device)
+    while cached < n - 1:
+        w = min(width, n - 1 - cached)
+        ids = (seq[:, cached : cached + w] + lo).repeat(copies, 1)  # guided: both halves feed the same codes
+        p = processed_probs(guide(run.window(ids, cached, None if positions is None else positions[cached : cached + w])), sampling)
+        # p[:, i]: code cached + 1 + i; its draft (i < w - 1) is seq[:, cached + 1 + i], drawn from q[:, i]
+        drafts = seq[:, cached + 1 : cached + w]
+        p_x = p[:, : w - 1].gather(-1, drafts[..., None])[..., 0]
+        q_x = q[:, : w - 1].gather(-1, drafts[..., None])[..., 0]
+        coin = torch.zeros_like(p_x) if greedy else torch.rand(p_x.shape, generator=generator, device=device)
+        keep = _accepts(coin, p_x, q_x, sampling.lenience)
+        keep |= slots[: w - 1] < (accepted - cached - 1)[:, None]  # codes this row had already accepted
+        # first rejected slot per row; w - 1 (no draft there) when every draft is kept
+        stop = torch.cat([~keep, keep.new_ones(batch, 1)], dim=1).int().argmax(dim=1)
+        p_stop = p[torch.arange(batch, device=device), stop]  # (B, K)
+        q_stop = torch.where((stop < w - 1)[:, None], q[torch.arange(batch, device=device), stop], 0)
+        residual = (p_stop - q_stop).clamp_min(0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_stop)
+        code = _draw(residual, generator, greedy)
+        fresh = _draw(p, generator, greedy)  # (B, w): new drafts after the stop
+        window = seq[:, cached + 1 : cached + 1 + w]
+        new = torch.where(slots[:w] < stop[:, None], window, torch.where(slots[:w] == stop[:, None], code[:, None], fresh))
+        active = accepted < n
+        seq[:, cached + 1 : cached + 1 + w] = torch.where(active[:, None], new, window)
+        accepted = torch.where(active, cached + stop + 2, accepted)
+        # Host sync once per forward: the shared cache length decides the next window.
+        shift = int(accepted.min()) - 1 - cached
+        # Proposals for the next window: this forward's p where it reached, then the initial one.
+        init = initial(p[:, w - 1])
+        reached = p[:, shift:]
+        q = torch.cat([reached, init[:, None].expand(batch, width - reached.shape[1], k)], dim=1)
+        start, stop_code = cached + 1 + w, min(cached + shift + width, n)  # codes entering the next window
+        if start < stop_code:  # no row has accepted any of them (an unfinished row has accepted < start)
+            drafts = _draw(q[:, w - shift : w - shift + stop_code - start], generator, greedy)
+            seq[:, start:stop_code] = torch.where((accepted < n)[:, None], drafts, seq[:, start:stop_code])
+        cached += shift
+    return seq
 
 
 @torch.inference_mode()
@@ -300,6 +452,8 @@ class _Decoder:
         # Left padding shifts each row; positions count real tokens only (pads sit at 0, masked anyway).
         self.prompt_pos = (mask.long().cumsum(dim=-1) - 1).clamp_min(0)
         self.next_pos = mask.sum(dim=-1, keepdim=True)  # (rows, 1), advanced in place each step
+        self.first_pos = self.next_pos.clone()  # (rows, 1): position of the first token after the prompt
+        self.fed = 0  # tokens after the prompt in the cache (``window`` and ``rollback`` keep count)
 
         self.vocab = vocab
         self.embeddings = lm.get_input_embeddings()
@@ -320,7 +474,7 @@ class _Decoder:
     def prefill(self) -> torch.Tensor:
         """Run the prompt through the model; logits of its last position (rows, V)."""
         logits = _forward(self.body, self.head, self.vocab, self.prompt, self.prompt_pos, self.prompt_mask, self.cache)
-        return self._logits(logits)
+        return self._logits(logits[:, -1])
 
     def step(self, ids: torch.Tensor, added: torch.Tensor | None = None) -> torch.Tensor:
         """Feed one token per row (rows, 1), its embedding plus ``added`` (H,) when given; logits of the next
@@ -332,7 +486,31 @@ class _Decoder:
             step_inputs = {"inputs_embeds": embeds + added.to(embeds.dtype)}
         logits = self.forward(self.body, self.head, self.vocab, step_inputs, self.next_pos, self.full_mask, self.cache)
         self.next_pos.add_(1)
+        self.fed += 1
+        return self._logits(logits[:, -1])
+
+    def window(self, ids: torch.Tensor, first: int, added: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed tokens (rows, w) as the tokens ``first .. first + w - 1`` after the prompt, the cache first rolled
+        back to the prompt and ``first`` of them; token j's embedding gets ``added[j]`` ((w, H)) when given.
+        Logits (rows, w, V) of the w next positions."""
+        self.rollback(first)
+        w = ids.shape[1]
+        if added is None:
+            inputs = {"input_ids": ids}
+        else:
+            embeds = self.embeddings(ids)
+            inputs = {"inputs_embeds": embeds + added.to(embeds.dtype)}
+        pos = self.first_pos + torch.arange(first, first + w, device=ids.device)
+        logits = _forward(self.body, self.head, self.vocab, inputs, pos, self.full_mask, self.cache, keep=w)
+        self.fed = first + w
         return self._logits(logits)
+
+    def rollback(self, kept: int) -> None:
+        """Drop cached tokens after the first ``kept`` after the prompt: a dynamic cache is cut, a static one
+        only moves its write position (what lies beyond is overwritten and, being in the future, masked)."""
+        if kept < self.fed:
+            self.cache.crop(kept - self.fed)  # a negative count: how many tokens to remove
+        self.fed = kept
 
     def _logits(self, logits: torch.Tensor) -> torch.Tensor:
         if self.vocab is None or self.head is not None:
@@ -340,7 +518,7 @@ class _Decoder:
         lo, hi = self.vocab
         if logits.shape[-1] < hi:
             raise ValueError(f"image codes end at id {hi} but the LM head has only {logits.shape[-1]} outputs")
-        return logits[:, lo:hi]
+        return logits[..., lo:hi]
 
 
 def _forward(
@@ -351,15 +529,16 @@ def _forward(
     pos: torch.Tensor,
     mask: torch.Tensor | None,
     cache: Cache,
+    keep: int = 1,
 ) -> torch.Tensor:
-    """Logits (rows, V) of the last position: the causal LM's own when ``head`` is None (``body`` is the LM),
-    else rows ``vocab`` = [lo, hi) of the output layer ``head`` on the last hidden state of ``body``, the
-    LM's base model."""
+    """Logits (rows, keep, V) of the last ``keep`` positions: the causal LM's own when ``head`` is None
+    (``body`` is the LM), else rows ``vocab`` = [lo, hi) of the output layer ``head`` on the last hidden states
+    of ``body``, the LM's base model."""
     kwargs = dict(inputs, attention_mask=mask, position_ids=pos, use_cache=True, **{_CACHE_KW: cache})
     if head is None:
-        return body(**kwargs, logits_to_keep=1).logits[:, -1]
+        return body(**kwargs, logits_to_keep=keep).logits[:, -keep:]
     lo, hi = vocab
-    hidden = body(**kwargs).last_hidden_state[:, -1]
+    hidden = body(**kwargs).last_hidden_state[:, -keep:]
     # Sliced inside the step so a compiled graph sees the layer's own parameters, not copies of views.
     return F.linear(hidden, head.weight[lo:hi], None if head.bias is None else head.bias[lo:hi])
 

@@ -4,8 +4,9 @@
 
 Then open http://127.0.0.1:7860. The model is loaded once; requests wait in one queue and run one at a time
 (drawing and answering share the model). Draw: a caption, an optional negative prompt (what the unconditional
-branch of guidance reads instead of the empty caption), images, guidance, temperature, top-k, top-p and a seed
-(or a random one, shown after the run); each image is captioned with its seed and the seconds it took, and
+branch of guidance reads instead of the empty caption), images, guidance, temperature (a greedy button sets it
+to 0), top-k, top-p, the decoding (autoregressive or speculative Jacobi) and a seed (or a random one, shown after
+the run); the controls start at the model's saved sampling defaults; each image is captioned with its seed and the seconds it took, and
 downloads as a PNG. Ask: upload an image (or pick one of the held-out demo images when data/shapes/test
 exists) and ask questions; every turn stays in the prompt of the next, and answers stream as they are decoded.
 Bad input is a message in the page; the app goes on serving. Needs the ``app`` extra: pip install -e ".[app]".
@@ -30,6 +31,7 @@ MAX_CFG = 20.0  # guidance beyond this only saturates the logits
 MAX_TEMPERATURE = 5.0
 MAX_UPLOAD = "50mb"  # refused by the server before the file is read; pixels are limited in mllm.chat
 SEED_LIMIT = 2**31
+DECODINGS = ("autoregressive", "jacobi")  # mllm.sample.DECODINGS, named here so bad input fails before torch loads
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,7 +78,7 @@ class Handlers:
         self.max_new_tokens = max_new_tokens
 
     def draw(self, prompt, negative, num_images, guidance, temperature, top_k, top_p, seed, random_seed,
-             progress=None):
+             decoding="autoregressive", progress=None):
         """Images one at a time from one seeded generator; yields (gallery, seed) as each is decoded."""
         import gradio as gr
         import torch
@@ -89,15 +91,18 @@ class Handlers:
         if num_images is None or num_images != int(num_images) or not 1 <= num_images <= MAX_IMAGES:
             raise gr.Error(f"number of images must be a whole number from 1 to {MAX_IMAGES}, got {num_images}")
         _check_sampling(guidance, temperature, top_k, top_p)
+        if decoding not in DECODINGS:
+            raise gr.Error(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
         if random_seed or seed is None:
             seed = random.SystemRandom().randrange(SEED_LIMIT)
         if seed != int(seed) or not 0 <= seed < SEED_LIMIT:
             raise gr.Error(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed}")
         seed, num_images = int(seed), int(num_images)
-        sampling = self.model.sampling_config(
-            seed=seed, cfg_scale=float(guidance), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)
-        )
         try:
+            sampling = self.model.sampling_config(  # options that cannot combine fail here
+                seed=seed, cfg_scale=float(guidance), temperature=float(temperature), top_k=int(top_k),
+                top_p=float(top_p), decoding=decoding,
+            )
             build_generation_prompts(self.model, [prompt], negative or None)  # a too-long prompt fails here
         except ValueError as e:
             raise gr.Error(str(e)) from None
@@ -109,8 +114,11 @@ class Handlers:
             start = time.perf_counter()
             # One generator across the images: the same seed gives the same images as
             # scripts/generate.py --seed S --num-images N --batch-size 1.
-            out = generate_images(self.model, [prompt], sampling, num_images=1, negative_prompt=negative or None,
-                                  batch_size=1, generator=generator)
+            try:  # e.g. a saved Jacobi window longer than this model's images
+                out = generate_images(self.model, [prompt], sampling, num_images=1, negative_prompt=negative or None,
+                                      batch_size=1, generator=generator)
+            except ValueError as e:
+                raise gr.Error(str(e)) from None
             seconds = time.perf_counter() - start
             pixels = to_uint8(out.images[0]).permute(1, 2, 0).numpy()  # (H, W, 3)
             gallery.append((pixels, f"{seconds:.2f} s · seed {seed} #{i + 1}"))
@@ -184,10 +192,10 @@ def build_app(model, max_new_tokens: int = 256, examples_dir: str = DEMO_IMAGES)
     handlers = Handlers(model, max_new_tokens)
     defaults = model.sampling_config()
 
-    def draw(prompt, negative, num_images, guidance, temperature, top_k, top_p, seed, random_seed,
+    def draw(prompt, negative, num_images, guidance, temperature, top_k, top_p, seed, random_seed, decoding,
              progress=gr.Progress()):
         yield from handlers.draw(prompt, negative, num_images, guidance, temperature, top_k, top_p, seed,
-                                 random_seed, progress)
+                                 random_seed, decoding, progress)
 
     with gr.Blocks(title="VQRAE") as demo:
         gr.Markdown("## VQRAE: draw an image from a caption, or ask about an image")
@@ -201,10 +209,17 @@ def build_app(model, max_new_tokens: int = 256, examples_dir: str = DEMO_IMAGES)
                         num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="images")
                         guidance = gr.Slider(0, MAX_CFG, value=defaults.cfg_scale, step=0.1, label="guidance")
                     with gr.Row():
-                        temperature = gr.Slider(0, MAX_TEMPERATURE, value=defaults.temperature, step=0.05,
-                                                label="temperature (0 = greedy)")
+                        # Several images per request: a model saved greedy (temperature 0) would draw one image
+                        # n times, so the page starts at temperature 1 for it; the greedy button is one click.
+                        temperature = gr.Slider(0, MAX_TEMPERATURE, value=defaults.temperature or 1.0, step=0.05,
+                                                label="temperature (0 = greedy)", elem_id="draw-temperature")
                         top_k = gr.Number(value=defaults.top_k, precision=0, minimum=0, label="top-k (0 = off)")
                         top_p = gr.Slider(0.01, 1, value=defaults.top_p, step=0.01, label="top-p (1 = off)")
+                    with gr.Row():
+                        # The model's saved defaults sample; greedy draws one image per prompt whatever the seed.
+                        greedy = gr.Button("greedy (temperature 0)", size="sm", elem_id="draw-greedy")
+                        decoding = gr.Radio(list(DECODINGS), value=defaults.decoding, elem_id="draw-decoding",
+                                            label="decoding (jacobi: the same images' distribution, fewer forwards)")
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id="draw-seed")
                         random_seed = gr.Checkbox(value=True, label="random seed (the drawn one is shown)")
@@ -212,7 +227,8 @@ def build_app(model, max_new_tokens: int = 256, examples_dir: str = DEMO_IMAGES)
                 with gr.Column(scale=3):
                     gallery = gr.Gallery(label="images", format="png", columns=4, elem_id="gallery",
                                          buttons=["download", "fullscreen"])
-            draw_inputs = [prompt, negative, num_images, guidance, temperature, top_k, top_p, seed, random_seed]
+            greedy.click(lambda: 0.0, None, temperature, api_name=False)
+            draw_inputs = [prompt, negative, num_images, guidance, temperature, top_k, top_p, seed, random_seed, decoding]
             gr.on([draw_button.click, prompt.submit], draw, draw_inputs, [gallery, seed], api_name="draw",
                   concurrency_id="model", concurrency_limit=1)
         with gr.Tab("Ask"):

@@ -14,7 +14,9 @@ replaces the empty caption of the unconditional guidance branch. With --image th
 greedy unless --temperature is given.
 
 Sampling defaults are the model's own (MLLMConfig.sampling, saved with it; --cfg 4.0, --temperature 1.0, no
-top-k, top-p 1 unless its training config said otherwise); the demo model samples greedily with --cfg 2.
+top-k, top-p 1, autoregressive decoding unless its training config said otherwise); the demo model's are in
+configs/mllm/demo.yaml. --decoding jacobi draws the same distribution of images in fewer LLM forwards (other
+images for the same seed); --temperature 0 is greedy.
 Bad input ends the run with a one-line message on stderr and exit code 2.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ from vqrae.cli import Parser, UsageError, one_line  # noqa: E402
 DEFAULT_MODEL = "outputs/demo/mllm/model"  # where scripts/run_demo.sh leaves the unified model
 DEFAULT_OUT = "outputs/generated"
 MAX_IMAGES = 4096  # images per run: beyond this a job is better split into runs that can each be rerun alone
+IMAGE_FLAGS = ("decoding", "window", "draft_init", "lenience")  # SamplingConfig fields for image codes only
 GRID_MAX = 256  # grid.png shows at most this many images (whole prompt rows where it can), so it stays viewable
 
 
@@ -48,6 +51,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default for answers)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens; 0 = off")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; 1 = off")
+    p.add_argument("--decoding", choices=["autoregressive", "jacobi"], default=None,
+                   help="image codes one forward per code, or speculative Jacobi decoding: a window of codes per "
+                        "forward, the same distribution (default: the model's own)")
+    p.add_argument("--window", type=int, default=None, help="codes per forward with --decoding jacobi")
+    p.add_argument("--draft-init", choices=["last", "uniform"], default=None,
+                   help="--decoding jacobi: what codes no forward has reached are drafted from")
+    p.add_argument("--lenience", type=float, default=None,
+                   help="--decoding jacobi: keep drafts with min(1, lenience * p / q); 1 = exact, > 1 keeps more (lossy)")
     p.add_argument("--seed", type=int, default=None, help="default: a fresh seed, printed")
     p.add_argument("--negative-prompt", default=None, help="text the unconditional branch uses instead of '' (with --cfg != 1)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the PNGs (default {DEFAULT_OUT})")
@@ -88,7 +99,7 @@ def _check_writable(out: str) -> None:
 
 def validate(args: argparse.Namespace) -> list[str]:
     """Everything checkable without torch; returns the prompts (captions, or the one question)."""
-    for name in ("cfg", "temperature", "top_p"):
+    for name in ("cfg", "temperature", "top_p", "lenience"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -100,6 +111,8 @@ def validate(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"--cfg must be >= 0 (1 = no guidance), got {args.cfg}")
     if args.top_k is not None and args.top_k < 0:
         raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if args.window is not None and args.window < 1:
+        raise UsageError(f"--window must be >= 1, got {args.window}")
     for flag in ("num_images", "batch_size", "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -107,6 +120,9 @@ def validate(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None and args.prompts is not None:
         raise UsageError("pass --prompt or --prompts, not both")
     if args.image is not None:
+        given = [f"--{k.replace('_', '-')}" for k in IMAGE_FLAGS if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} set how image codes are decoded; answers to --image are text")
         if args.prompt is None:
             raise UsageError("--image needs the question as --prompt")
         if not os.path.isfile(args.image):
@@ -229,6 +245,7 @@ def _run(args: argparse.Namespace, prompts: list[str]) -> None:
         given["temperature"] = args.temperature
     if args.cfg is not None:
         given["cfg_scale"] = args.cfg
+    given.update({k: getattr(args, k) for k in IMAGE_FLAGS if getattr(args, k) is not None})
     model = _load_model(args.model, device, dtype, args.trust_remote_code)
     sampling = model.sampling_config(seed=seed, **given)  # the model's own defaults, then the flags
     grid = _write_images(model, prompts, sampling, args)

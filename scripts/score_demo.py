@@ -34,6 +34,11 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=None, help="default: the model's own (MLLMConfig.sampling)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: the model's own")
     p.add_argument("--top-k", type=int, default=None, help="default: the model's own")
+    p.add_argument("--top-p", type=float, default=None, help="default: the model's own")
+    p.add_argument("--decoding", choices=["autoregressive", "jacobi"], default=None,
+                   help="how image codes are decoded (mllm.sample.SamplingConfig.decoding); default: the model's own")
+    p.add_argument("--window", type=int, default=None, help="codes per forward with --decoding jacobi")
+    p.add_argument("--lenience", type=float, default=None, help="--decoding jacobi: > 1 keeps more drafts (lossy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/demo/score.json")
     p.add_argument("--grid-dir", default="outputs/demo", help="where the picture grids go")
@@ -88,10 +93,13 @@ def main(argv=None) -> None:
 
     # generation for held-out captions
     gen_rows = rows[: args.prompts]
-    flags = dict(temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg)
+    flags = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg,
+                 decoding=args.decoding, window=args.window, lenience=args.lenience)
     sampling = model.sampling_config(**{k: v for k, v in flags.items() if v is not None})
+    start = time.perf_counter()
     gen = generate_images(model, [r["caption"] for r in gen_rows], sampling, num_images=1, batch_size=32,
                           generator=torch.Generator().manual_seed(args.seed))
+    gen_seconds = time.perf_counter() - start
     want = [_attrs(r) for r in gen_rows]
     gen_score = shapes.score(list(to_uint8(gen.images).permute(0, 2, 3, 1).numpy()), want)
     save_png(image_grid(_for_display(to_uint8(gen.images[:32])), columns=8), os.path.join(args.grid_dir, "generated.png"))
@@ -113,7 +121,9 @@ def main(argv=None) -> None:
                       "perplexity": tok["perplexity"], "codebook_size": vq.codebook_size, "images": tok["count"],
                       "reconstruction_match": recon_score},
         "generation": {**gen_score, "prompts": len(gen_rows), "cfg": sampling.cfg_scale,
-                       "temperature": sampling.temperature, "top_k": sampling.top_k},
+                       "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+                       "decoding": sampling.decoding, "window": sampling.window, "lenience": sampling.lenience,
+                       "seconds": gen_seconds},
         "understanding": {"accuracy": sum(answers) / max(1, len(answers)), "questions": len(answers),
                           **{k: sum(v) / len(v) for k, v in per_kind.items()}},
         "seconds": time.time() - t0,

@@ -22,6 +22,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from mllm.chat import chat_answer, read_chat_image, start_conversation  # noqa: E402
 from mllm.inference import generate_images, load_model, to_uint8  # noqa: E402
+from mllm.sample import SamplingConfig  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
 from tests.test_chat import write_chat_model  # noqa: E402
 from demo.shapes import write_imagefolder  # noqa: E402
@@ -85,8 +86,9 @@ def model(app):
 
 
 def draw(client, prompt="a small red circle", negative="", n=2, guidance=2.0, temperature=1.0, top_k=0, top_p=1.0,
-         seed=7, random_seed=False):
-    return client.predict(prompt, negative, n, guidance, temperature, top_k, top_p, seed, random_seed, api_name="/draw")
+         seed=7, random_seed=False, decoding="autoregressive"):
+    return client.predict(prompt, negative, n, guidance, temperature, top_k, top_p, seed, random_seed, decoding,
+                          api_name="/draw")
 
 
 def png_pixels(path) -> torch.Tensor:
@@ -112,6 +114,26 @@ def test_draw_returns_the_seeded_images_as_pngs(client, model):
 
     gallery, seed = draw(client, n=1, seed=7, random_seed=True)  # the seed box is ignored and the drawn one shown
     assert isinstance(seed, int) and f"seed {seed} #1" in gallery[0]["caption"]
+
+    gallery, _ = draw(client, n=2, seed=7, decoding="jacobi")
+    sampling = model.sampling_config(seed=7, cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, decoding="jacobi")
+    want = to_uint8(generate_images(model, ["a small red circle"], sampling, num_images=2, batch_size=1).images)
+    assert all(torch.equal(png_pixels(item["image"]), want[k]) for k, item in enumerate(gallery))
+
+
+def test_draw_starts_sampling_even_for_a_model_saved_greedy(app, tmp_path):
+    spec = importlib.util.spec_from_file_location("app_page", ROOT / "scripts" / "app.py")
+    page_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page_module)
+    model = load_model(app["model"])
+    values = {}
+    for saved in (SamplingConfig(temperature=0.0, cfg_scale=1.0), SamplingConfig(temperature=0.7, top_k=4, cfg_scale=1.0)):
+        model.cfg.sampling = saved
+        page = page_module.build_app(model, STEPS, str(tmp_path))
+        props = [c.get("props", {}) for c in page.config["components"]]
+        values[saved.temperature] = {p["elem_id"]: p.get("value") for p in props if p.get("elem_id", "").startswith("draw-")}
+    assert values[0.0]["draw-temperature"] == 1.0  # one click from greedy, not greedy: n images differ
+    assert values[0.7]["draw-temperature"] == 0.7 and values[0.7]["draw-decoding"] == "autoregressive"
 
 
 def test_two_turns_stream_and_the_second_prompt_holds_the_first(client, model, app):
@@ -151,6 +173,7 @@ def test_bad_input_is_a_message_and_the_app_goes_on(client, app):
         (lambda: draw(client, guidance=50.0), r"greater than maximum value 20|guidance must be between"),
         (lambda: draw(client, top_k=-3), r"top-k|less than minimum"),
         (lambda: draw(client, n=0), r"less than minimum|number of images"),
+        (lambda: draw(client, decoding="beam"), r"decoding|not in the list of choices"),
         (lambda: draw(client, prompt="circle " * 600), "tokens but this model takes at most"),
         (lambda: client.predict(image, "  ", [], api_name="/ask"), "question is empty"),
         (lambda: client.predict(None, "What colour is the shape", [], api_name="/ask"), "upload an image"),

@@ -303,6 +303,11 @@ def _bad_inputs(tmp: Path, dirs: dict) -> dict[str, list[str]]:
         "unwritable out": gen + ["--out", str(tmp / "a_file" / "sub")],
         "nothing to do": model,
         "unknown flag": gen + ["--steps", "3"],
+        "unknown decoding": gen + ["--decoding", "beam"],
+        "zero window": gen + ["--decoding", "jacobi", "--window", "0"],
+        "window longer than the image": gen + ["--decoding", "jacobi", "--window", "999"],
+        "jacobi compiled": gen + ["--decoding", "jacobi", "--compile"],
+        "decoding for an answer": gen + ["--image", str(tmp / "junk.png"), "--window", "4"],
     }
 
 
@@ -311,6 +316,7 @@ BAD = [  # the keys of _bad_inputs
     "codebook mismatch", "llm rows mismatch", "negative temperature", "top-p zero", "top-p above one",
     "negative cfg", "nan cfg", "negative top-k", "zero images", "not an int", "missing image", "unreadable image",
     "missing prompts file", "empty prompts file", "unwritable out", "nothing to do", "unknown flag",
+    "unknown decoding", "zero window", "window longer than the image", "jacobi compiled", "decoding for an answer",
 ]
 
 
@@ -383,6 +389,8 @@ def test_cli_samples_with_the_models_own_defaults_unless_told(cli, dirs, tmp_pat
     assert all(torch.equal(x, y) for x, y in zip(a, to_uint8(want.images)))
     c, d = run(1, "c", "--temperature", "1"), run(2, "d", "--temperature", "1")  # a flag wins over the default
     assert not all(torch.equal(x, y) for x, y in zip(c, d))
+    jacobi = run(1, "j", "--decoding", "jacobi", "--window", "5")  # greedy Jacobi decoding: the same images
+    assert all(torch.equal(x, y) for x, y in zip(a, jacobi))
     capfd.readouterr()
 
     bad = _with_sampling(dirs["model"], tmp_path / "bad", top_p=0.0)
