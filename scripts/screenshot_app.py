@@ -42,7 +42,7 @@ class Browser:
         path = shutil.which(binary)
         if path is None:
             raise FileNotFoundError(f"no '{binary}' on PATH: install Chromium (Debian: apt-get install chromium)")
-        self.timeout = timeout
+        self.timeout, self.width = timeout, width
         self.profile = tempfile.mkdtemp(prefix="vqrae-chromium-")
         to_browser_r, self._out = os.pipe()
         self._in, from_browser_w = os.pipe()
@@ -135,12 +135,13 @@ class Browser:
             time.sleep(0.25)
 
     def screenshot(self, path: str, full_page: bool = True) -> None:
-        """A PNG of the page: the whole scrollable page, or the viewport."""
+        """A PNG of the page: the whole scrollable page, or the viewport; as wide as the window either way (a page
+        taller than the window has a scrollbar, which narrows its content)."""
         params = {"format": "png"}
         if full_page:
             size = self.send("Page.getLayoutMetrics", page=True)["cssContentSize"]
-            params.update(captureBeyondViewport=True,
-                          clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})
+            params.update(captureBeyondViewport=True, clip={"x": 0, "y": 0, "width": max(size["width"], self.width),
+                                                            "height": size["height"], "scale": 1})
         data = self.send("Page.captureScreenshot", params, page=True)["data"]
         with open(path, "wb") as f:
             f.write(base64.b64decode(data))
