@@ -27,7 +27,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .runtime import TrainingError, _deepspeed_records, barrier, first_line, host_any, safe_load, save_checkpoint
+from .runtime import (
+    TrainingError, _deepspeed_records, _from_rank0, barrier, first_line, host_any, load_engine_checkpoint, safe_load,
+    save_checkpoint,
+)
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by the cluster, a checkpoint written; requeue with --resume auto
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -160,8 +163,6 @@ def universal_checkpoint(checkpoint: str, tag: str, rank: int) -> str:
             error = f"cannot re-split {checkpoint}/{tag} for another number of ranks ({type(e).__name__}: {first_line(e)})"
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    from .runtime import _from_rank0
-
     error = _from_rank0(error)
     if error:
         raise TrainingError(error + "; resume on the number of ranks that wrote it")
@@ -178,19 +179,12 @@ def load_resharded(engine, checkpoint: str, tag: str, strict: bool, rank: int) -
     parameters and their moments, the buffers come from the model-states file of rank 0; frozen parameters are
     the ones the model was built with (a ZeRO-3 checkpoint leaves them out). ZeRO 0 needs none of this: its one
     optimizer state is whole."""
-    from .runtime import _SafeCheckpointEngine, load_engine_checkpoint
-
     stage = engine.zero_optimization_stage()
     if stage == 0:
         load_engine_checkpoint(engine, checkpoint, tag, strict)
         return
     if stage < 3:  # the module, lr schedule and counters; DeepSpeed copies the weights into the new partitions
-        real = engine.checkpoint_engine
-        engine.checkpoint_engine = _SafeCheckpointEngine(real, engine.module, strict, checkpoint)
-        try:
-            engine.load_checkpoint(checkpoint, tag=tag, load_module_strict=strict, load_optimizer_states=False)
-        finally:
-            engine.checkpoint_engine = real
+        load_engine_checkpoint(engine, checkpoint, tag, strict, load_optimizer_states=False)
     universal = universal_checkpoint(checkpoint, tag, rank)
     engine._config.load_universal_checkpoint = True
     try:

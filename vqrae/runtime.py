@@ -691,14 +691,16 @@ def shape_mismatch(module: nn.Module, state: dict, strict: bool = True) -> Optio
     return None
 
 
-def load_engine_checkpoint(engine, path: str, tag: str, load_module_strict: bool = True) -> None:
+def load_engine_checkpoint(engine, path: str, tag: str, load_module_strict: bool = True,
+                           load_optimizer_states: bool = True) -> None:
     """``engine.load_checkpoint`` with every file read through ``safe_load`` (DeepSpeed itself unpickles
     them with ``weights_only=False``, so a crafted file would run its code) and the model checked for shape
     changes first. Bit-exact: only the unpickler differs."""
     real = engine.checkpoint_engine
     engine.checkpoint_engine = _SafeCheckpointEngine(real, engine.module, load_module_strict, path)
     try:
-        loaded, _ = engine.load_checkpoint(path, tag=tag, load_module_strict=load_module_strict)
+        loaded, _ = engine.load_checkpoint(path, tag=tag, load_module_strict=load_module_strict,
+                                           load_optimizer_states=load_optimizer_states)
     finally:
         engine.checkpoint_engine = real
     if loaded is None:
