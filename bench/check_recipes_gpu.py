@@ -243,15 +243,16 @@ def write_llm(path: str, captions: list[str], full: bool, device: torch.device) 
 # ----------------------------------------------------------------------------- FLOP counting
 
 
-class EagerEngine:
-    """As much of a DeepSpeed engine as ``vqrae.train.train_step`` uses, on one process with no optimizer: the
-    step's forward and backward run as in training, and no weight changes (``step`` is a no-op, never at an
-    accumulation boundary)."""
+class EagerEngine(torch.nn.Module):
+    """As much of a DeepSpeed engine (a module wrapping ``module``) as ``vqrae.train.train_step`` uses, on one
+    process with no optimizer: the step's forward and backward run as in training, and no weight changes
+    (``step`` is a no-op, never at an accumulation boundary)."""
 
     def __init__(self, module: torch.nn.Module):
+        super().__init__()
         self.module = module
 
-    def __call__(self, *args):
+    def forward(self, *args):
         return self.module(*args)
 
     def backward(self, loss: torch.Tensor) -> None:
