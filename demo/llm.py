@@ -3,8 +3,9 @@ saved like any Hugging Face model directory. The demo trains on it (``scripts/ma
 the benchmarks build theirs here too; nothing is downloaded. A real run names a hub LLM instead.
 
 It sits in the installed ``demo`` package, beside the demo's data set, because it is a stand-in like that data set:
-``vqrae`` and ``mllm`` wrap whatever LLM they are given and never make one up, and scripts, tests and benchmarks,
-which all need it, are not packages that could import each other. Only torch, tokenizers and transformers load.
+``vqrae`` and ``mllm`` wrap whatever LLM they are given and never make one up, while the scripts, tests and
+benchmarks that need one are not installed, so none of them could serve the others. It needs only torch,
+tokenizers and transformers, none of the ``demo`` extra.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from typing import Iterable, Optional
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast, Qwen3Config
-from transformers import Qwen3ForCausalLM
+from transformers import (
+    LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM,
+)
 
 # ChatML, the template of Qwen and many others: each turn between <|im_start|>role\n and <|im_end|>\n
 CHAT_TEMPLATE = (
@@ -24,7 +26,7 @@ CHAT_TEMPLATE = (
 CHAT_TOKENS = ("<unk>", "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")  # ids 0-5 of a chat tokenizer
 PLAIN_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")  # ids 0-3 of a plain one; "\n", a word, is id 4
 
-# The tests' shape: a few hundred thousand parameters, milliseconds per step on a CPU
+# The tests' shape: under 100k parameters with a word-level vocabulary, milliseconds per step on a CPU
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=512)
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
