@@ -230,7 +230,7 @@ def write_llm(path: str, captions: list[str], full: bool, device: torch.device) 
                                size=QWEN3_TOKENIZER_LEN if full else None)
     tokenizer.save_pretrained(path)
     transformers.utils.logging.disable_progress_bar()  # the "Writing model shards" bar would clutter the report
-    # a 0.6B model initialises in a fraction of the CPU time on a GPU
+    # drawn on the device: a 0.6B model initialises in a fraction of the CPU time on a GPU
     if full:
         llm = standin_llm("qwen3", QWEN3_VOCAB, device=device, **QWEN3_0P6B)
     else:
