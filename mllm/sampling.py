@@ -58,6 +58,14 @@ def check_sampling(values: Mapping[str, Any], names: Mapping[str, str] | None = 
             raise ValueError(f"{(names or {}).get(field, field)} {problem}")
 
 
+def flag_settings(args: Mapping[str, Any], flags: Mapping[str, str]) -> dict[str, Any]:
+    """The settings a command line gave: ``args`` (``vars`` of parsed arguments) of the ``flags`` (argument name ->
+    ``SamplingConfig`` field) that are not None, as fields, each checked (an error names it as ``--top-p``)."""
+    given = {field: args[flag] for flag, field in flags.items() if args[flag] is not None}
+    check_sampling(given, names={field: f"--{flag.replace('_', '-')}" for flag, field in flags.items()})
+    return given
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
