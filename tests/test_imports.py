@@ -29,7 +29,7 @@ def test_importing_the_packages_needs_no_scipy_deepspeed_or_command_line_code():
 def test_inference_loads_neither_datasets_nor_pyarrow():
     """``import mllm`` and everything scripts/generate.py, scripts/chat.py and scripts/app.py import to answer and
     draw; training data (``mllm.data``) is what needs them."""
-    imports = ("import mllm\nimport mllm.inference, mllm.chat, mllm.sampling\n"
+    imports = ("import mllm, vqrae.cli\nimport mllm.inference, mllm.chat, mllm.sampling\n"
                "from mllm.inference import load_model, generate_images, answer_question, read_image")
     assert _loaded(imports, ("datasets", "pyarrow")) == []
     assert _loaded("import mllm.data", ("datasets", "pyarrow")) != []  # the test can see them

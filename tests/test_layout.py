@@ -1,6 +1,6 @@
-"""The package layout's promises (light imports: tests/test_imports.py): thin scripts, configs left as the caller gave them, the thread
-count a user chose, and a tokenizer loop that reads values back to the host once per log interval, the non-finite
-guard's flags included."""
+"""The package layout's promises: thin scripts, configs left as the caller gave them, the thread count a user chose,
+and a tokenizer loop that reads values back to the host once per log interval, the non-finite guard's flags
+included. Light imports: tests/test_imports.py."""
 import copy
 import dataclasses
 import os
