@@ -85,7 +85,7 @@ def build(preset: Preset, device: torch.device) -> UnifiedModel:
     projector = MLPProjector(vqrae.encoder.dim, preset.hidden, 2).to(device)
     cfg = MLLMConfig(llm="random", vqrae="random", dtype="float32")
     model = UnifiedModel(cfg, llm, tokenizer, vqrae, projector)
-    model.projector.requires_grad_(False)  # generation never uses it (mllm.train.trainable_groups)
+    model.projector.requires_grad_(False)  # generation never uses it (mllm.train.freeze_unused)
     return model.train()
 
 

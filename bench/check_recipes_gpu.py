@@ -307,9 +307,8 @@ def mllm_flops_per_token(config: str, overrides: list[str], device: torch.device
     micro-batch: LLM forward and backward (and the VQRAE's encoding, when codes are not pre-computed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mllm.train import MLLMTrainConfig, build_model, prepare_batch, unregister_vqrae
-
-    from mllm.tasks import make_loaders
+    from mllm.data import make_loaders, prepare_batch
+    from mllm.train import MLLMTrainConfig, build_model, unregister_vqrae
     from vqrae.config import load_config
 
     cfg = load_config(MLLMTrainConfig, config, overrides + ["data.num_workers=0"])

@@ -2,7 +2,7 @@
 
 A ``Conversation`` holds one image (already at the model's input resolution) and the finished turns. The
 prompt for the next answer is the whole conversation through the tokenizer's chat template, laid out as in
-training (``mllm.data.understanding_prompt``): the image's N features sit where the ``<image>`` placeholder is,
+training (``mllm.prompts.understanding_prompt``): the image's N features sit where the ``<image>`` placeholder is,
 at the start of the first question unless a question places it. One question and no earlier turns give
 exactly the prompt of ``mllm.inference.answer_question``::
 
@@ -11,9 +11,10 @@ exactly the prompt of ``mllm.inference.answer_question``::
         print(piece, end="", flush=True)
     conversation.add(question, answer)      # the caller records the turn once the answer is complete
 
-``stream_answer`` runs the same prefill and one-token steps as ``mllm.sample.generate_text`` (same sampler,
-same static KV cache) and yields the answer's new text after each token, so its pieces join to the answer
-``chat_answer`` returns for the same inputs and seed. Input problems are ``ValueError``s with one-line messages.
+``stream_answer`` runs the same prefill and one-token steps as ``mllm.sample.generate_text``
+(``mllm.sample.stream_text``: same sampler, same KV cache) and yields the answer's new text after each token, so
+its pieces join to the answer ``chat_answer`` returns for the same inputs and seed. Input problems are
+``ValueError``s with one-line messages.
 """
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vqrae.data import load_image, transform
+from vqrae.images import load_image, transform
 
-from .data import understanding_prompt
-from .sample import SamplingConfig, _Decoder, _generator, generate_text, sample_logits
 from .inference import answer_budget, stop_ids
 from .model import UnifiedModel
+from .prompts import understanding_prompt
+from .sample import generate_text, stream_text
+from .sampling import SamplingConfig, answer_sampling
 
 MAX_IMAGE_PIXELS = 20_000_000  # uploads above this are refused: decoding them costs memory for nothing at 256 px
 
@@ -115,17 +117,13 @@ def _embed(model: UnifiedModel, conversation: Conversation, prompt: ChatPrompt) 
         return model.embed(ids, conversation.image[None].to(device), mask)  # (1, L, H)
 
 
-def _greedy() -> SamplingConfig:
-    return SamplingConfig(temperature=0.0, cfg_scale=1.0)
-
-
 def chat_answer(model: UnifiedModel, conversation: Conversation, question: str, *, max_new_tokens: int = 128,
                 sampling: Optional[SamplingConfig] = None, generator: Optional[torch.Generator] = None) -> str:
     """The whole answer to ``question`` at once (``generate_text``), special tokens removed; greedy by default."""
     prompt = chat_prompt(model, conversation, question, max_new_tokens)
     answer = generate_text(
         model.llm, inputs_embeds=_embed(model, conversation, prompt), max_new_tokens=prompt.max_new_tokens,
-        sampling=sampling or _greedy(), eos_id=stop_ids(model), generator=generator,
+        sampling=sampling or answer_sampling(), eos_id=stop_ids(model), generator=generator,
     )[0]
     return model.tokenizer.decode(answer, skip_special_tokens=True).strip()
 
@@ -141,37 +139,9 @@ def stream_answer(model: UnifiedModel, conversation: Conversation, question: str
     """
     prompt = chat_prompt(model, conversation, question, max_new_tokens)
     embeds = _embed(model, conversation, prompt)
-    tokens = _stream_tokens(
-        model.llm, embeds, prompt.max_new_tokens, sampling or _greedy(), set(stop_ids(model)), generator
-    )
+    tokens = stream_text(model.llm, embeds, max_new_tokens=prompt.max_new_tokens,
+                         sampling=sampling or answer_sampling(), eos_id=stop_ids(model), generator=generator)
     return _text_pieces(model.tokenizer, tokens)
-
-
-def _stream_tokens(
-    lm, embeds: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig, eos: set[int],
-    generator: Optional[torch.Generator],
-) -> Iterator[int]:
-    """``generate_text`` for one row, yielding each token id before the next step runs (eos not included).
-
-    Inference mode is entered around each model call, not across a ``yield``: the consumer (a web server's
-    worker thread, say) must not inherit it.
-    """
-    device = embeds.device
-    mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=device)
-    with torch.inference_mode():
-        run = _Decoder(lm, {"inputs_embeds": embeds}, mask, max_new_tokens - 1, None, False)
-        generator = _generator(sampling, generator, device)
-        logits = run.prefill()
-    for t in range(max_new_tokens):
-        with torch.inference_mode():
-            tok = sample_logits(logits, sampling, generator)  # (1,)
-        token = int(tok)
-        if token in eos:
-            return
-        yield token
-        if t < max_new_tokens - 1:
-            with torch.inference_mode():
-                logits = run.step(tok[:, None])
 
 
 def _text_pieces(tokenizer, tokens: Iterator[int]) -> Iterator[str]:

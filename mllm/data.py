@@ -1,17 +1,21 @@
-"""Training examples for the unified model: prompts, label masks, batching and datasets.
+"""Training data of the unified model: rows -> tokens -> ``Batch``, one resumable stream per task.
 
-Both tasks are next-token prediction over one token sequence:
-
-- generation: ``generation_prompt_ids(caption)`` + ``<boi>`` + N image-code tokens + ``<eoi>``, with loss on
-  the code tokens and ``<eoi>``. With probability ``cfg_dropout`` the caption is replaced by "", so the model
-  also learns the unconditional distribution that classifier-free guidance needs (Ho & Salimans, 2022). The
-  sampler's prompts come from the same function, so training and inference see identical ids.
-- understanding: a conversation whose ``<image>`` placeholder is expanded to N positions, marked in
-  ``image_mask`` for the projected features; loss on the answers and the end-of-turn text that closes each.
-
-Prompts follow the tokenizer's chat template when it has one, else a plain ``text\\n`` format. Image codes
-are usually computed on the accelerator: a generation example then carries its image in ``code_image`` and
-placeholder ids at ``code_mask``, and ``insert_codes`` writes the codes into the batch.
+1. rows: image-caption rows (``open_image_text``) or conversations (``load_conversations``), per
+   ``MLLMDataConfig``; ``task_rows`` picks the source of a task.
+2. tokens: each row becomes an ``Example`` (ids, labels, masks), or a ``Skipped`` with the reason.
+   - generation (``generation_example``): ``generation_prompt_ids(caption)`` + ``<boi>`` + N image-code tokens
+     + ``<eoi>``, with loss on the code tokens and ``<eoi>``. With probability ``cfg_dropout`` the caption is
+     replaced by "", so the model also learns the unconditional distribution that classifier-free guidance
+     needs (Ho & Salimans, 2022).
+   - understanding (``understanding_example``): a conversation whose ``<image>`` placeholder is expanded to N
+     positions, marked in ``image_mask`` for the projected features; loss on the answers and the end-of-turn
+     text that closes each.
+   Prompts come from ``mllm.prompts``, the same functions the sampler's prompts come from.
+3. batches: ``collate`` right-pads the kept examples into a ``Batch``; ``TaskLoader`` streams one task's
+   micro-batches for this rank and saves its position. Image codes are usually computed on the accelerator: a
+   generation example then carries its image in ``code_image`` and placeholder ids at ``code_mask``, and
+   ``prepare_batch`` writes the codes into the batch on the device (``insert_codes``). With pre-computed codes
+   (``codes_from``, ``mllm.codes``) the rows already hold them (``CodeRows``).
 """
 from __future__ import annotations
 
@@ -24,17 +28,58 @@ from typing import Any, Literal, Optional, Sequence, Union
 import datasets
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from vqrae.data import DataConfig, SampleKey, load_image, open_source, transform
+from vqrae.data import DataConfig, ResumableSampler, SampleKey, load_image, open_source, transform
+from vqrae.elastic import ignore_stop_signals
+from vqrae.runtime import TrainingError, autocast
 
-from .model import IGNORE_INDEX
-from .vocab import IMAGE, ImageVocab
+from .codes import open_codes
+from .model import UnifiedModel
+from .prompts import conversation_tokens, generation_prompt_ids, pad_token_id
+from .tasks import GENERATION, UNDERSTANDING
+from .vocab import IGNORE_INDEX, ImageVocab
 
 PENDING = -1  # input id at code positions until insert_codes fills them
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-_PROBE = "ANSWER_PROBE_7f3a"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class GenerationData:
+    source: str = ""  # image-caption rows: imagefolder dir (metadata.jsonl), hub dataset id or .tar shards
+    split: str = "train"
+    caption_column: str = "caption"
+    image_column: str = "image"
+    codes_from: Optional[str] = None  # scripts/tokenize_dataset.py output for this source: no VQRAE on the fly
+
+
+@dataclass
+class UnderstandingData:
+    source: str = ""  # LLaVA conversation .json/.jsonl, or imagefolder dir / hub id / .tar shards
+    split: str = "train"
+    conversation_column: str = "conversations"  # LLaVA turns or [{question, answer}] pairs (imagefolders: "questions")
+    image_column: str = "image"
+    image_root: Optional[str] = None  # relative image paths resolve here; None: the JSON file's directory
+
+
+@dataclass
+class MLLMDataConfig:
+    generation: GenerationData = field(default_factory=GenerationData)
+    understanding: UnderstandingData = field(default_factory=UnderstandingData)
+    task_ratio: float = 0.5  # fraction of micro-batches that train generation; 1.0 generation only, 0.0 understanding only
+    cfg_dropout: float = 0.1  # captions replaced by "" for classifier-free guidance
+    loss_on_text: bool = False  # generation: also put loss on the caption prompt (default: visual tokens only)
+    max_length: int = 2048  # longer examples are dropped and counted as "too_long" (never cut inside an image)
+    resolution: Optional[int] = None  # square side given to the VQRAE; None: its encoder's image_size
+    seed: int = 0  # data order, caption dropout and task schedule
+    num_workers: int = 4  # DataLoader workers per task
+    cache_images: bool = False  # keep decoded images in memory after an epoch (small data sets: the demo's)
+
+
+# ----------------------------------------------------------------------------- tokens
 
 
 @dataclass
@@ -52,57 +97,6 @@ class Example:
 class Skipped:
     status: str  # why a row was dropped: "missing", "corrupt", "missing_caption", "bad_conversation", ...
 
-
-@dataclass
-class Prompt:
-    input_ids: list[int]
-    image_mask: list[bool]  # positions for the projected image features (UnifiedModel.embed)
-
-
-@dataclass
-class GenerationPrompts:
-    cond: list[list[int]]  # one prompt per caption, each ending right before <boi>
-    uncond: list[int]  # the empty-caption prompt for classifier-free guidance
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The tokenizer's pad id, else its eos id (pads are masked out, so any id works), else 0."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    return 0
-
-
-def _has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
-
-
-def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-
-
-def generation_prompt_ids(tokenizer: PreTrainedTokenizerBase, caption: str) -> list[int]:
-    """Ids of the prompt that precedes ``<boi>``; ``caption=""`` gives the unconditional prompt."""
-    if _has_chat_template(tokenizer):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": caption}], tokenize=False, add_generation_prompt=True
-        )
-        return _encode(tokenizer, text)
-    return _bos(tokenizer) + _encode(tokenizer, caption + "\n")
-
-
-def generation_prompts(tokenizer: PreTrainedTokenizerBase, captions: Sequence[str]) -> GenerationPrompts:
-    """Conditional and unconditional prompts for ``mllm.sample.generate_image_codes``."""
-    return GenerationPrompts(
-        cond=[generation_prompt_ids(tokenizer, c) for c in captions], uncond=generation_prompt_ids(tokenizer, "")
-    )
 
 
 def generation_example(
@@ -152,109 +146,10 @@ def generation_example(
     )
 
 
-def _messages(conversation: Sequence[dict]) -> list[dict]:
-    """LLaVA turns ({"from", "value"}) or chat messages ({"role", "content"}) -> chat messages."""
-    messages = []
-    for turn in conversation:
-        role = turn.get("role", turn.get("from"))
-        content = turn.get("content", turn.get("value"))
-        if role not in _ROLES or not isinstance(content, str):
-            raise ValueError(f"a turn needs from/value or role/content with role in {sorted(_ROLES)}, got {turn}")
-        messages.append({"role": _ROLES[role], "content": content})
-    return messages
-
-
-def _turn_end(tokenizer: PreTrainedTokenizerBase) -> str:
-    """The text the chat template writes after an answer (e.g. ``<|im_end|>\\n``): it teaches the model to stop."""
-    probe = [{"role": "user", "content": "question"}, {"role": "assistant", "content": _PROBE}]
-    text = tokenizer.apply_chat_template(probe, tokenize=False)
-    at = text.rfind(_PROBE)
-    return text[at + len(_PROBE) :] if at >= 0 else ""
-
-
-def _chat_segments(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool
-) -> list[tuple[list[int], bool]]:
-    """(ids, is_answer) pieces of the rendered conversation.
-
-    The template renders the whole conversation once; each turn's text is then found in order (templates
-    may add system prompts, role headers or strip whitespace, but write the content verbatim). An answer
-    piece is its content plus the template's end-of-turn text. Pieces are tokenised separately so that an
-    answer starts on a token boundary, as it does when the model generates it after the prompt.
-    """
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    end_text = _turn_end(tokenizer)
-    pieces: list[tuple[str, bool]] = []
-    cursor = 0
-    for message in messages:
-        content = message["content"].strip()
-        start = text.find(content, cursor)
-        if start < 0:
-            raise ValueError("the chat template does not reproduce a turn's text verbatim")
-        end = start + len(content)
-        if message["role"] == "assistant":
-            rest = text[end : end + len(end_text)]
-            end += len(os.path.commonprefix([rest, end_text]))
-            pieces += [(text[cursor:start], False), (text[start:end], True)]
-        else:
-            pieces.append((text[cursor:end], False))
-        cursor = end
-    pieces.append((text[cursor:], False))
-    return [(_encode(tokenizer, piece), answer) for piece, answer in pieces if piece]
-
-
-def _plain_segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[tuple[list[int], bool]]:
-    """(ids, is_answer) pieces of ``question\\n`` + ``answer<eos>`` turns, for tokenizers without a template."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    pieces = [(_bos(tokenizer), False)]
-    for message in messages:
-        if message["role"] == "assistant":
-            pieces.append((_encode(tokenizer, message["content"]) + eos, True))
-        else:
-            pieces.append((_encode(tokenizer, message["content"] + "\n"), False))
-    return pieces
-
-
-def _conversation(
-    tokenizer: PreTrainedTokenizerBase,
-    vocab: ImageVocab,
-    conversation: Sequence[dict],
-    num_tokens: int,
-    has_image: bool,
-    add_generation_prompt: bool,
-) -> tuple[list[int], list[int], list[bool]]:
-    messages = _messages(conversation)
-    expected_last = "user" if add_generation_prompt else "assistant"
-    if not messages or messages[-1]["role"] != expected_last:
-        raise ValueError(f"the conversation must end with a {expected_last} turn")
-    if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
-        raise ValueError("an answer is empty")
-    placeholders = sum(m["content"].count(IMAGE) for m in messages)
-    if has_image and placeholders == 0:
-        # LLaVA convention: the image comes first in the first user turn.
-        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        messages[first] = {"role": "user", "content": f"{IMAGE}\n{messages[first]['content']}"}
-        placeholders = 1
-    if placeholders != int(has_image):
-        raise ValueError(f"the conversation holds {placeholders} {IMAGE} placeholders for {int(has_image)} image")
-    if _has_chat_template(tokenizer):
-        pieces = _chat_segments(tokenizer, messages, add_generation_prompt)
-    else:
-        pieces = _plain_segments(tokenizer, messages)
-    ids, labels, mask = [], [], []
-    for piece, answer in pieces:
-        for token in piece:
-            if token == vocab.image_id:
-                ids += [token] * num_tokens
-                labels += [IGNORE_INDEX] * num_tokens
-                mask += [True] * num_tokens
-            else:
-                ids.append(token)
-                labels.append(token if answer else IGNORE_INDEX)
-                mask.append(False)
-    if sum(mask) != num_tokens * int(has_image):
-        raise ValueError(f"the tokenised conversation does not hold exactly one {IMAGE} token per image")
-    return ids, labels, mask
+def dropout_generator(seed: int, key: SampleKey) -> torch.Generator:
+    """The RNG of one row's caption-dropout draw: a function of (seed, epoch, row), so every DataLoader worker, rank
+    count and resumed run draws the same for the same row."""
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, key.epoch, key.index]).integers(2**62)))
 
 
 def understanding_example(
@@ -275,118 +170,11 @@ def understanding_example(
         num_tokens: N, features per image.
         image: (3, H, W) in [-1, 1], or None for a text-only conversation.
     """
-    ids, labels, mask = _conversation(tokenizer, vocab, conversation, num_tokens, image is not None, False)
+    ids, labels, mask = conversation_tokens(tokenizer, vocab, conversation, num_tokens, image is not None, False)
     return Example(input_ids=ids, labels=labels, image_mask=mask, code_mask=[False] * len(ids), image=image)
 
 
-def understanding_prompt(
-    tokenizer: PreTrainedTokenizerBase,
-    vocab: ImageVocab,
-    conversation: Union[str, Sequence[dict]],
-    num_tokens: int,
-    has_image: bool = True,
-) -> Prompt:
-    """The inference prompt for a question (or a conversation ending with a user turn), laid out as in training."""
-    if isinstance(conversation, str):
-        conversation = [{"role": "user", "content": conversation}]
-    ids, _, mask = _conversation(tokenizer, vocab, conversation, num_tokens, has_image, True)
-    return Prompt(input_ids=ids, image_mask=mask)
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # (B, L), right-padded
-    attention_mask: torch.Tensor  # (B, L), 1 = token, 0 = padding
-    labels: torch.Tensor  # (B, L), IGNORE_INDEX on padding and positions without loss
-    image_mask: torch.Tensor  # (B, L) bool: positions of the understanding images' features
-    images: Optional[torch.Tensor]  # (M, 3, H, W) understanding images, in row order
-    code_mask: torch.Tensor  # (B, L) bool: code positions filled from code_images by insert_codes
-    code_images: Optional[torch.Tensor]  # (G, 3, H, W) images to generate, in row order
-    data_stats: Counter = field(default_factory=Counter)  # status of every row drawn, kept or dropped
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def _map(self, fn) -> "Batch":
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return Batch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
-
-    def to(self, device: torch.device | str) -> "Batch":
-        return self._map(lambda t: t.to(device))
-
-    def pin_memory(self) -> "Batch":
-        return self._map(torch.Tensor.pin_memory)
-
-    def model_inputs(self) -> dict[str, Any]:
-        """Keyword arguments of ``UnifiedModel.forward``."""
-        has_images = self.images is not None
-        return dict(
-            input_ids=self.input_ids, attention_mask=self.attention_mask, labels=self.labels,
-            images=self.images, image_mask=self.image_mask if has_images else None,
-        )
-
-
-def collate(
-    examples: Sequence[Union[Example, Skipped]], pad_id: int, max_length: Optional[int] = None
-) -> Batch:
-    """Right-pad the kept examples into a ``Batch``; skipped rows and rows over ``max_length`` are counted.
-
-    Use with ``functools.partial(collate, pad_id=pad_token_id(tokenizer))``. A batch whose rows were all
-    dropped has zero rows.
-    """
-    stats: Counter = Counter()
-    kept: list[Example] = []
-    for ex in examples:
-        if isinstance(ex, Skipped):
-            stats[ex.status] += 1
-        elif max_length is not None and len(ex.input_ids) > max_length:
-            stats["too_long"] += 1  # cutting would split an image's tokens from its features or codes
-        else:
-            stats[ex.status] += 1
-            kept.append(ex)
-    length = max((len(ex.input_ids) for ex in kept), default=0)
-    input_ids = torch.full((len(kept), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros(len(kept), length, dtype=torch.long)
-    image_mask = torch.zeros(len(kept), length, dtype=torch.bool)
-    code_mask = torch.zeros(len(kept), length, dtype=torch.bool)
-    for row, ex in enumerate(kept):
-        n = len(ex.input_ids)
-        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
-        labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
-        attention_mask[row, :n] = 1
-        image_mask[row, :n] = torch.tensor(ex.image_mask, dtype=torch.bool)
-        code_mask[row, :n] = torch.tensor(ex.code_mask, dtype=torch.bool)
-    images = [ex.image for ex in kept if ex.image is not None]
-    code_images = [ex.code_image for ex in kept if ex.code_image is not None]
-    return Batch(
-        input_ids=input_ids, attention_mask=attention_mask, labels=labels, image_mask=image_mask,
-        images=torch.stack(images) if images else None, code_mask=code_mask,
-        code_images=torch.stack(code_images) if code_images else None, data_stats=stats,
-    )
-
-
-def insert_codes(batch: Batch, code_ids: torch.Tensor) -> Batch:
-    """Write the code token ids (G, N) of ``batch.code_images`` into its inputs and labels at ``code_mask``.
-
-    ``code_ids`` is ``UnifiedModel.tokenize_images(batch.code_images)``.
-    """
-    if batch.code_images is None and not bool(batch.code_mask.any()):
-        return batch
-    slots = int(batch.code_mask.sum())
-    if slots != code_ids.numel():
-        raise ValueError(f"code_mask marks {slots} positions but {code_ids.numel()} code ids were given")
-    flat = code_ids.flatten().to(batch.input_ids.device)
-    input_ids, labels = batch.input_ids.clone(), batch.labels.clone()
-    input_ids[batch.code_mask] = flat
-    labels[batch.code_mask] = flat
-    return dataclasses.replace(batch, input_ids=input_ids, labels=labels, code_images=None)
-
-
-# ----------------------------------------------------------------------------- datasets
+# ----------------------------------------------------------------------------- rows
 
 
 def open_image_text(
@@ -497,10 +285,9 @@ class ExampleRows(Dataset):
             if self._images is not None:
                 self._images[key.index] = (pixels, status)
         if self.task == "generation":
-            seed = int(np.random.default_rng([self.seed, key.epoch, key.index]).integers(2**62))
             ex = generation_example(
                 self.tokenizer, self.vocab, text, self.num_tokens, code_image=pixels, cfg_dropout=self.cfg_dropout,
-                generator=torch.Generator().manual_seed(seed), loss_on_text=self.loss_on_text,
+                generator=dropout_generator(self.seed, key), loss_on_text=self.loss_on_text,
             )
         else:
             try:
@@ -509,3 +296,276 @@ class ExampleRows(Dataset):
                 return Skipped("bad_conversation")
         ex.status = status
         return ex
+
+class CodeRows(Dataset):
+    """Generation examples from captions and pre-computed codes (``tokenize_rows``), without reading images.
+
+    Args:
+        captions: the caption column of the source rows.
+        codes: ``open_codes`` output, row-aligned with ``captions``.
+        tokenizer: the extended tokenizer.
+        vocab: its image layout.
+        num_tokens: N, codes per image.
+        cfg_dropout: see ``generation_example``.
+        loss_on_text: see ``generation_example``.
+        seed: caption dropout draws (``dropout_generator``), as ``ExampleRows`` makes them.
+    """
+
+    def __init__(self, captions: Sequence, codes: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
+                 vocab: ImageVocab, num_tokens: int, cfg_dropout: float = 0.1, loss_on_text: bool = False,
+                 seed: int = 0):
+        if len(captions) != len(codes):
+            raise TrainingError(f"{len(captions)} captions but {len(codes)} rows of codes")
+        self.captions, self.codes, self.tokenizer, self.vocab = captions, codes, tokenizer, vocab
+        self.num_tokens, self.cfg_dropout, self.loss_on_text, self.seed = num_tokens, cfg_dropout, loss_on_text, seed
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, key: Union[int, SampleKey]) -> Union[Example, Skipped]:
+        key = key if isinstance(key, SampleKey) else SampleKey(int(key), 0, 0)
+        text = self.captions[key.index]
+        if not isinstance(text, str) or not text.strip():
+            return Skipped("missing_caption")
+        row = self.codes[key.index]
+        if not row["codes"]:
+            return Skipped(row["status"])
+        ex = generation_example(
+            self.tokenizer, self.vocab, text, self.num_tokens, codes=row["codes"], cfg_dropout=self.cfg_dropout,
+            generator=dropout_generator(self.seed, key), loss_on_text=self.loss_on_text,
+        )
+        ex.status = row["status"]
+        return ex
+
+
+def task_rows(cfg: MLLMDataConfig, task: str, model: UnifiedModel) -> Dataset:
+    """The examples of ``task`` from ``cfg`` for ``model``: ``ExampleRows``, or ``CodeRows`` with ``codes_from``.
+
+    With ``codes_from``, call this before ``place_vqrae``: the codes are checked against the fingerprint of
+    the VQRAE's stored weights.
+    """
+    common = dict(tokenizer=model.tokenizer, vocab=model.vocab, num_tokens=model.vqrae.num_tokens)
+    resolution = cfg.resolution or model.vqrae.cfg.encoder.image_size
+    try:
+        if task == GENERATION:
+            src = cfg.generation
+            rows = open_image_text(src.source, src.caption_column, src.image_column, src.split)
+            if src.codes_from:
+                codes = open_codes(src.codes_from, model.vqrae, len(rows), resolution)
+                return CodeRows(rows.select_columns([src.caption_column])[src.caption_column], codes, **common,
+                                cfg_dropout=cfg.cfg_dropout, loss_on_text=cfg.loss_on_text, seed=cfg.seed)
+            return ExampleRows(rows, GENERATION, **common, resolution=resolution, text_column=src.caption_column,
+                               image_column=src.image_column, cfg_dropout=cfg.cfg_dropout,
+                               loss_on_text=cfg.loss_on_text, seed=cfg.seed, cache_images=cfg.cache_images)
+        src = cfg.understanding
+        root = src.image_root
+        if src.source.endswith((".json", ".jsonl")) and os.path.isfile(src.source):
+            rows = load_conversations(src.source)
+            root = root or os.path.dirname(os.path.abspath(src.source))
+        else:
+            rows = open_image_text(src.source, src.conversation_column, src.image_column, src.split)
+        return ExampleRows(rows, UNDERSTANDING, **common, resolution=resolution, text_column=src.conversation_column,
+                           image_column=src.image_column, image_root=root, seed=cfg.seed,
+                           cache_images=cfg.cache_images)
+    except ValueError as err:
+        raise TrainingError(f"data.{task}: {str(err).splitlines()[0]}") from None
+
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, L), right-padded
+    attention_mask: torch.Tensor  # (B, L), 1 = token, 0 = padding
+    labels: torch.Tensor  # (B, L), IGNORE_INDEX on padding and positions without loss
+    image_mask: torch.Tensor  # (B, L) bool: positions of the understanding images' features
+    images: Optional[torch.Tensor]  # (M, 3, H, W) understanding images, in row order
+    code_mask: torch.Tensor  # (B, L) bool: code positions filled from code_images by insert_codes
+    code_images: Optional[torch.Tensor]  # (G, 3, H, W) images to generate, in row order
+    data_stats: Counter = field(default_factory=Counter)  # status of every row drawn, kept or dropped
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def _map(self, fn) -> "Batch":
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return self._map(lambda t: t.to(device))
+
+    def pin_memory(self) -> "Batch":
+        return self._map(torch.Tensor.pin_memory)
+
+    def model_inputs(self) -> dict[str, Any]:
+        """Keyword arguments of ``UnifiedModel.forward``."""
+        has_images = self.images is not None
+        return dict(
+            input_ids=self.input_ids, attention_mask=self.attention_mask, labels=self.labels,
+            images=self.images, image_mask=self.image_mask if has_images else None,
+        )
+
+
+def collate(
+    examples: Sequence[Union[Example, Skipped]], pad_id: int, max_length: Optional[int] = None
+) -> Batch:
+    """Right-pad the kept examples into a ``Batch``; skipped rows and rows over ``max_length`` are counted.
+
+    Use with ``functools.partial(collate, pad_id=pad_token_id(tokenizer))``. A batch whose rows were all
+    dropped has zero rows.
+    """
+    stats: Counter = Counter()
+    kept: list[Example] = []
+    for ex in examples:
+        if isinstance(ex, Skipped):
+            stats[ex.status] += 1
+        elif max_length is not None and len(ex.input_ids) > max_length:
+            stats["too_long"] += 1  # cutting would split an image's tokens from its features or codes
+        else:
+            stats[ex.status] += 1
+            kept.append(ex)
+    length = max((len(ex.input_ids) for ex in kept), default=0)
+    input_ids = torch.full((len(kept), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(len(kept), length, dtype=torch.long)
+    image_mask = torch.zeros(len(kept), length, dtype=torch.bool)
+    code_mask = torch.zeros(len(kept), length, dtype=torch.bool)
+    for row, ex in enumerate(kept):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        image_mask[row, :n] = torch.tensor(ex.image_mask, dtype=torch.bool)
+        code_mask[row, :n] = torch.tensor(ex.code_mask, dtype=torch.bool)
+    images = [ex.image for ex in kept if ex.image is not None]
+    code_images = [ex.code_image for ex in kept if ex.code_image is not None]
+    return Batch(
+        input_ids=input_ids, attention_mask=attention_mask, labels=labels, image_mask=image_mask,
+        images=torch.stack(images) if images else None, code_mask=code_mask,
+        code_images=torch.stack(code_images) if code_images else None, data_stats=stats,
+    )
+
+
+def insert_codes(batch: Batch, code_ids: torch.Tensor) -> Batch:
+    """Write the code token ids (G, N) of ``batch.code_images`` into its inputs and labels at ``code_mask``.
+
+    ``code_ids`` is ``UnifiedModel.tokenize_images(batch.code_images)``.
+    """
+    if batch.code_images is None and not bool(batch.code_mask.any()):
+        return batch
+    slots = int(batch.code_mask.sum())
+    if slots != code_ids.numel():
+        raise ValueError(f"code_mask marks {slots} positions but {code_ids.numel()} code ids were given")
+    flat = code_ids.flatten().to(batch.input_ids.device)
+    input_ids, labels = batch.input_ids.clone(), batch.labels.clone()
+    input_ids[batch.code_mask] = flat
+    labels[batch.code_mask] = flat
+    return dataclasses.replace(batch, input_ids=input_ids, labels=labels, code_images=None)
+
+
+
+def prepare_batch(model: UnifiedModel, batch: Batch, device: torch.device, precision: str = "fp32") -> Batch:
+    """Move a micro-batch to ``device`` once and write the codes of its images to generate into it (encoded in
+    ``precision``, as ``write_codes`` does for pre-computed codes)."""
+    batch = batch.to(device)
+    if batch.code_images is None:
+        return batch
+    with torch.inference_mode(), autocast(precision, device):
+        code_ids = model.tokenize_images(batch.code_images)
+    return insert_codes(batch, code_ids)
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+class _Keyed(Dataset):
+    """Rows paired with their key, so the collate function knows where the batch ends in the epoch."""
+
+    def __init__(self, rows: Dataset):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: SampleKey):
+        return self.rows[key], key
+
+
+@dataclass
+class _Collate:
+    pad_id: int
+    max_length: Optional[int]
+
+    def __call__(self, items) -> tuple[Batch, dict]:
+        last = items[-1][1]
+        batch = collate([ex for ex, _ in items], self.pad_id, self.max_length)
+        return batch, last.state()
+
+
+class TaskLoader:
+    """An endless, resumable stream of one task's micro-batches for this rank.
+
+    Args:
+        rows: ``Example``/``Skipped`` rows keyed by ``vqrae.data.SampleKey`` (``task_rows``).
+        pad_id: input id of padding.
+        max_length: longer examples are dropped (counted as "too_long").
+        batch_size: rows per micro-batch on this rank.
+        rank: this process's rank.
+        world_size: number of processes; ranks read disjoint rows.
+        seed: the order of every epoch.
+        num_workers: DataLoader worker processes.
+        pin_memory: pin batches for faster copies to the accelerator.
+
+    ``state_dict`` is the position after the last batch ``next`` returned: the loader's workers run ahead.
+    """
+
+    def __init__(self, rows: Dataset, pad_id: int, max_length: Optional[int], batch_size: int, rank: int,
+                 world_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False):
+        try:
+            self.sampler = ResumableSampler(len(rows), rank, world_size, seed, batch_size)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
+        self.loader = DataLoader(
+            _Keyed(rows), batch_sampler=self.sampler, collate_fn=_Collate(pad_id, max_length),
+            num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+            worker_init_fn=ignore_stop_signals,
+        )
+        self._iter = None
+        self._state = self.sampler.state_dict()
+
+    def next(self) -> Batch:
+        while True:
+            if self._iter is None:
+                self._iter = iter(self.loader)
+            try:
+                batch, self._state = next(self._iter)
+                return batch
+            except StopIteration:  # the sampler starts the next epoch on the next iteration
+                self._iter = None
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+        self._state, self._iter = self.sampler.state_dict(), None
+
+    def resume(self, states: list[dict]) -> None:
+        """Continue the run whose ranks saved ``states`` (in rank order; any number of ranks)."""
+        self.sampler.resume(states)
+        self._state, self._iter = self.sampler.state_dict(), None
+
+
+def make_loaders(cfg: MLLMDataConfig, model: UnifiedModel, batch_size: int, rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False) -> dict[str, TaskLoader]:
+    """One ``TaskLoader`` per task that ``cfg.task_ratio`` trains."""
+    tasks = [t for t, used in ((GENERATION, cfg.task_ratio > 0), (UNDERSTANDING, cfg.task_ratio < 1)) if used]
+    pad = pad_token_id(model.tokenizer)
+    return {
+        task: TaskLoader(task_rows(cfg, task, model), pad, cfg.max_length, batch_size, rank, world_size, cfg.seed,
+                         cfg.num_workers, pin_memory)
+        for task in tasks
+    }
+

@@ -8,7 +8,7 @@ These are the steps behind ``scripts/generate.py``, usable from Python::
     saved = save_images(result, "outputs/generated")
     answer = answer_question(model, read_image("photo.png"), "What colour is the shape?")
 
-Prompts are laid out exactly as in training (``mllm.data``); sampling is ``mllm.sample``. Every input
+Prompts are laid out exactly as in training (``mllm.prompts``); sampling is ``mllm.sample``. Every input
 problem is raised as a ``ValueError`` (or ``FileNotFoundError``) with a one-line message.
 """
 from __future__ import annotations
@@ -23,12 +23,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vqrae.data import load_image, transform
 from vqrae.hub import is_hub_id
+from vqrae.images import load_image, transform
 
-from .data import GenerationPrompts, _turn_end, generation_prompt_ids, pad_token_id, understanding_prompt
-from .sample import SamplingConfig, generate_image_codes, generate_text
 from .model import LLM_DTYPES, UnifiedModel
+from .prompts import GenerationPrompts, generation_prompt_ids, pad_token_id, turn_end, understanding_prompt
+from .sample import generate_image_codes, generate_text
+from .sampling import SamplingConfig, answer_sampling
 
 GRID_NAME = "grid.png"
 
@@ -209,9 +210,16 @@ def image_grid(images: torch.Tensor, columns: int, padding: int = 2, fill: int =
     return grid
 
 
-def grid_columns(num_prompts: int, num_images: int) -> int:
-    """A row per prompt when there are several; one prompt's images in a near-square grid."""
-    return num_images if num_prompts > 1 else math.ceil(math.sqrt(num_images))
+def grid_layout(num_prompts: int, num_images: int, max_shown: Optional[int] = None) -> tuple[int, int]:
+    """(images shown, columns) of the grid of ``num_images`` images per prompt: a row per prompt when there are
+    several, else one prompt's images near-square. With ``max_shown``, the first images up to it (whole prompt
+    rows where a row fits; a near-square grid where none does)."""
+    total = num_prompts * num_images
+    limit = total if max_shown is None else max_shown
+    if num_prompts > 1 and num_images <= limit:
+        return min(total, num_images * (limit // num_images)), num_images
+    shown = min(total, limit)
+    return shown, math.ceil(math.sqrt(shown))
 
 
 def save_png(image: torch.Tensor, path: str) -> None:
@@ -219,13 +227,16 @@ def save_png(image: torch.Tensor, path: str) -> None:
     Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(path, format="PNG")
 
 
-def _slug(text: str, limit: int = 40) -> str:
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    return "-".join(words)[:limit].strip("-")
+def image_file_name(prompt_index: int, image_index: int, prompt: str) -> str:
+    """``{prompt:03d}_{image:02d}_{prompt words}.png``: the name of image ``image_index`` of prompt ``prompt_index``,
+    its words lower-cased, joined by "-" and cut to 40 characters (none: no suffix)."""
+    slug = "-".join(re.findall(r"[a-z0-9]+", prompt.lower()))[:40].strip("-")
+    return f"{prompt_index:03d}_{image_index:02d}" + (f"_{slug}" if slug else "") + ".png"
 
 
-def save_images(result: GeneratedImages, out_dir: str) -> SavedImages:
-    """Write ``{prompt:03d}_{image:02d}_{prompt words}.png`` per image and ``grid.png`` into ``out_dir``.
+def save_images(result: GeneratedImages, out_dir: str, max_shown: Optional[int] = None) -> SavedImages:
+    """Write one PNG per image (``image_file_name``) and ``grid.png`` (``grid_layout``: the first ``max_shown``
+    images, default all) into ``out_dir``.
 
     Files of an earlier run with the same names are overwritten.
     """
@@ -234,12 +245,11 @@ def save_images(result: GeneratedImages, out_dir: str) -> SavedImages:
     paths = []
     for k in range(pixels.shape[0]):
         i, j = divmod(k, result.num_images)
-        slug = _slug(result.prompts[i])
-        name = f"{i:03d}_{j:02d}" + (f"_{slug}" if slug else "") + ".png"
-        paths.append(os.path.join(out_dir, name))
+        paths.append(os.path.join(out_dir, image_file_name(i, j, result.prompts[i])))
         save_png(pixels[k], paths[-1])
     grid = os.path.join(out_dir, GRID_NAME)
-    save_png(image_grid(pixels, grid_columns(len(result.prompts), result.num_images)), grid)
+    shown, columns = grid_layout(len(result.prompts), result.num_images, max_shown)
+    save_png(image_grid(pixels[:shown], columns), grid)
     return SavedImages(paths=paths, grid=grid)
 
 
@@ -264,7 +274,7 @@ def stop_ids(model: UnifiedModel) -> list[int]:
     eos = model.llm.generation_config.eos_token_id if model.llm.generation_config is not None else None
     ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
     if getattr(tok, "chat_template", None):
-        end = tok.encode(_turn_end(tok), add_special_tokens=False)
+        end = tok.encode(turn_end(tok), add_special_tokens=False)
         # Only a special token: a plain-text turn end (a newline) may also occur inside an answer.
         if end and end[0] in set(tok.all_special_ids) | set(tok.get_added_vocab().values()):
             ids.add(end[0])
@@ -295,7 +305,7 @@ def answer_question(
         raise ValueError("the question is empty")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    sampling = sampling if sampling is not None else SamplingConfig(temperature=0.0, cfg_scale=1.0)
+    sampling = sampling if sampling is not None else answer_sampling()
     if isinstance(image, Image.Image):
         image = transform(image, model.vqrae.image_size, random_crop=False, hflip=False, rng=np.random.default_rng(0))
     prompt = understanding_prompt(model.tokenizer, model.vocab, question, model.vqrae.num_tokens)

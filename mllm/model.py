@@ -37,14 +37,13 @@ from vqrae.config import ConfigError, from_dict, to_dict
 from vqrae.hub import PushToHub, resolve
 from vqrae.untrusted import read_safetensors, refuse_pickled_weights, refuse_remote_code
 
-from .sample import SamplingConfig, split_output_layer
 from .projector import MLPProjector, ProjectorConfig
-from .vocab import ImageVocab, add_image_tokens, codebook_offsets, resize_embeddings
+from .sampling import SamplingConfig
+from .vocab import IGNORE_INDEX, ImageVocab, add_image_tokens, codebook_offsets, resize_embeddings
 
 CONFIG_NAME = "mllm.yaml"
 PROJECTOR_NAME = "projector.safetensors"
 POSITIONS_NAME = "image_positions.safetensors"
-IGNORE_INDEX = -100  # label of positions that carry no loss (the Hugging Face convention)
 LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # MLLMConfig.dtype
 
 
@@ -244,8 +243,11 @@ class UnifiedModel(nn.Module, PushToHub):
             positions = read_safetensors(os.path.join(path, POSITIONS_NAME), "image position table")["weight"]
         return cls(cfg, llm, tokenizer, vqrae, projector, adapter=adapter, image_positions=positions)
 
-    def save_pretrained(self, path: str) -> None:
-        """Write the layout described in the module docstring; ``from_pretrained(path)`` gives the same logits."""
+    def save_pretrained(self, path: str, dtype: Optional[str] = None) -> None:
+        """Write the layout described in the module docstring; ``from_pretrained(path)`` gives the same logits.
+
+        ``dtype`` is the LLM dtype ``mllm.yaml`` records for loading (default ``cfg.dtype``); the weights are
+        written as they are (a trainer's fp32 master weights record the dtype it computed in)."""
         os.makedirs(path, exist_ok=True)
         self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
         self.vqrae.save_pretrained(os.path.join(path, "vqrae"))
@@ -262,7 +264,7 @@ class UnifiedModel(nn.Module, PushToHub):
         else:
             self.llm.save_pretrained(os.path.join(path, "llm"))
         # llm/ now holds plain safetensors even if the weights came from a GGUF file: the copy never needs it
-        cfg = dataclasses.replace(self.cfg, gguf_file=None)
+        cfg = dataclasses.replace(self.cfg, gguf_file=None, dtype=dtype or self.cfg.dtype)
         with open(os.path.join(path, CONFIG_NAME), "w") as f:
             yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
@@ -424,6 +426,34 @@ class UnifiedModel(nn.Module, PushToHub):
 
     def _vqrae_dtype(self) -> torch.dtype:
         return next(self.vqrae.parameters()).dtype
+
+
+@torch.no_grad()
+def split_output_layer(llm: nn.Module, like: torch.Tensor) -> Optional[tuple[nn.Module, nn.Module]]:
+    """(base model, output layer) when ``llm``'s logits are exactly its output layer applied to its base model's
+    last hidden state, so that layer may run on chosen positions alone; None for models that rescale or soft-cap
+    their logits.
+
+    Checked on one seeded random input embedding (dtype and device of ``like``), not on a batch's own: a zero
+    padding row gives zero logits, which no soft cap changes. Eval mode keeps dropout (LoRA's) from making the
+    two differ. A PEFT model is looked through to the transformers model it adapts in place; its wrapped output
+    layer (trainable image-token rows) is called as the LLM calls it.
+    """
+    inner = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    head, body = inner.get_output_embeddings(), inner.base_model
+    if head is None or body is inner:
+        return None
+    width = llm.get_input_embeddings().weight.shape[-1]
+    probe = torch.randn(1, 1, width, generator=torch.Generator().manual_seed(0)).to(like)
+    training = llm.training
+    llm.eval()
+    try:
+        full = llm(inputs_embeds=probe, use_cache=False).logits
+        hidden = getattr(body(inputs_embeds=probe, use_cache=False), "last_hidden_state", None)
+        same = hidden is not None and torch.equal(head(hidden), full)
+    finally:
+        llm.train(training)
+    return (body, head) if same else None
 
 
 def labelled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 2**26) -> torch.Tensor:

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,56 +33,14 @@ from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
+from .model import split_output_layer
+from .sampling import SamplingConfig
 from .vocab import ImageVocab
 
 # transformers 5 names the forward argument of the KV cache `cache`; earlier releases `past_key_values`.
 _CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 # On a CPU a dynamic cache beat the static one at 2 rows (one prompt with guidance: 1.14x) and lost at 32 (0.85x)
 DYNAMIC_ROWS_CPU = 4
-DECODINGS = ("autoregressive", "jacobi")
-DRAFT_INITS = ("last", "uniform")
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0  # logits are divided by it; 0 = greedy (argmax)
-    top_k: int = 0  # keep only the k most likely tokens; 0 = off
-    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose mass reaches top_p; 1 = off
-    cfg_scale: float = 4.0  # image guidance s in u + s (c - u); 1 = conditional logits only
-    seed: int | None = None  # seeds a private generator when none is passed; None = torch's global RNG
-    # How image codes are decoded: "autoregressive", one LLM forward per code; "jacobi", speculative Jacobi
-    # decoding (Teng et al., 2024): each forward runs a window of draft codes and keeps those the speculative-
-    # sampling rule accepts, so the codes have exactly the autoregressive distribution (other random draws, so
-    # a seed gives other images than autoregressive decoding). Text is always autoregressive.
-    decoding: str = "autoregressive"
-    window: int = 16  # jacobi: codes fed per forward (accepted codes not yet cached, then drafts); <= the image's
-    # jacobi: what a draft is drawn from at a code no forward has reached yet: "last", the farthest distribution
-    # the latest forward computed (neighbouring codes are alike: on the demo model 6.6 forwards per 36-code image
-    # against 10.2 with "uniform"), or "uniform" over the K codes
-    draft_init: str = "last"
-    # jacobi: a draft x is kept with probability min(1, lenience * p(x) / q(x)). 1 = exact; above 1 keeps more
-    # drafts (fewer forwards) and moves the images' distribution toward the drafts' (lossy; docs/benchmarks.md)
-    lenience: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
-        if self.decoding not in DECODINGS:
-            raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {self.decoding!r}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1 (codes per forward with decoding 'jacobi'), got {self.window}")
-        if self.draft_init not in DRAFT_INITS:
-            raise ValueError(f"draft_init must be one of {', '.join(DRAFT_INITS)}, got {self.draft_init!r}")
-        if not self.lenience >= 1:
-            raise ValueError(f"lenience must be >= 1 (1 = exact), got {self.lenience}")
-        if self.lenience != 1 and self.decoding != "jacobi":
-            raise ValueError(f"lenience={self.lenience} relaxes decoding 'jacobi'; decoding is {self.decoding!r}")
 
 
 def sample_logits(
@@ -407,6 +364,40 @@ def generate_text(
     return answers
 
 
+def stream_text(
+    lm: PreTrainedModel,
+    inputs_embeds: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    eos_id: Sequence[int],
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """``generate_text`` for one prompt (1, L, D), yielding each token id before the next step runs (eos not
+    included).
+
+    Inference mode is entered around each model call, not across a ``yield``: the consumer (a web server's
+    worker thread, say) must not inherit it.
+    """
+    device = inputs_embeds.device
+    eos = set(eos_id)
+    mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.bool, device=device)
+    with torch.inference_mode():
+        run = _Decoder(lm, {"inputs_embeds": inputs_embeds}, mask, max_new_tokens - 1, None, False)
+        generator = _generator(sampling, generator, device)
+        logits = run.prefill()
+    for t in range(max_new_tokens):
+        with torch.inference_mode():
+            tok = sample_logits(logits, sampling, generator)  # (1,)
+        token = int(tok)
+        if token in eos:
+            return
+        yield token
+        if t < max_new_tokens - 1:
+            with torch.inference_mode():
+                logits = run.step(tok[:, None])
+
+
 def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists as left-padded ids (N, L) and a bool mask (N, L) of real tokens."""
     length = max(len(r) for r in rows)
@@ -568,34 +559,6 @@ def _separable_head(lm: nn.Module, hi: int, prompt: dict[str, torch.Tensor]) -> 
     if head.out_features < hi:
         raise ValueError(f"image codes end at id {hi} but the LM head has only {head.out_features} outputs")
     return head, body
-
-
-@torch.no_grad()
-def split_output_layer(llm: nn.Module, like: torch.Tensor) -> Optional[tuple[nn.Module, nn.Module]]:
-    """(base model, output layer) when ``llm``'s logits are exactly its output layer applied to its base model's
-    last hidden state, so that layer may run on chosen positions alone; None for models that rescale or soft-cap
-    their logits.
-
-    Checked on one seeded random input embedding (dtype and device of ``like``), not on a batch's own: a zero
-    padding row gives zero logits, which no soft cap changes. Eval mode keeps dropout (LoRA's) from making the
-    two differ. A PEFT model is looked through to the transformers model it adapts in place; its wrapped output
-    layer (trainable image-token rows) is called as the LLM calls it.
-    """
-    inner = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    head, body = inner.get_output_embeddings(), inner.base_model
-    if head is None or body is inner:
-        return None
-    width = llm.get_input_embeddings().weight.shape[-1]
-    probe = torch.randn(1, 1, width, generator=torch.Generator().manual_seed(0)).to(like)
-    training = llm.training
-    llm.eval()
-    try:
-        full = llm(inputs_embeds=probe, use_cache=False).logits
-        hidden = getattr(body(inputs_embeds=probe, use_cache=False), "last_hidden_state", None)
-        same = hidden is not None and torch.equal(head(hidden), full)
-    finally:
-        llm.train(training)
-    return (body, head) if same else None
 
 
 def _check_cache(cache: Cache, rows: int, total: int) -> None:

@@ -25,15 +25,15 @@ from vqrae.config import ConfigError, save_yaml
 from vqrae.model import CONFIG_NAME as VQRAE_CONFIG, WEIGHTS_NAME as VQRAE_WEIGHTS
 from vqrae.elastic import StopSignals
 from vqrae.runtime import (
-    COMPUTE_DTYPES, EmptyBatches, NonFiniteGuard, OptimConfig, RunConfig, RunLogger, TrainingError, autocast, barrier,
+    COMPUTE_DTYPES, EmptyBatches, NonFiniteGuard, OptimConfig, RunConfig, RunLogger, TrainingError, barrier,
     check_run_config, deepspeed_config, due, finish, first_line, gather, grad_norm_before_step, guarded_optimizer,
     load_engine, make_optimizer, make_scheduler, param_groups, restore, resumed_line, save_checkpoint, session,
 )
 
 from .codes import CODES_MANIFEST, place_vqrae
-from .data import Batch, insert_codes
+from .data import Batch, MLLMDataConfig, make_loaders, prepare_batch
 from .model import CONFIG_NAME, MLLMConfig, UnifiedModel, UnifiedOutput, read_config
-from .tasks import MLLMDataConfig, TaskMetrics, TaskSchedule, make_loaders
+from .tasks import TaskMetrics, TaskSchedule
 
 
 @dataclass
@@ -85,14 +85,22 @@ def check_config(cfg: MLLMTrainConfig, world_size: int = 1) -> None:
     check_run_config(cfg.run, cfg.optim, world_size)
 
 
+def export_dtype(precision: str) -> str:
+    """The LLM dtype an export of a run in ``precision`` records (``MLLMConfig.dtype``): the run's compute dtype,
+    in which inference loads the LLM on an accelerator, whatever the fp32 master weights it was trained in."""
+    if precision not in COMPUTE_DTYPES:
+        raise ConfigError(f"run.precision must be one of {', '.join(COMPUTE_DTYPES)}, got '{precision}'")
+    return str(COMPUTE_DTYPES[precision]).removeprefix("torch.")  # the name MLLMConfig.dtype takes
+
+
 def build_model(cfg: MLLMTrainConfig, ds_cfg: Optional[dict] = None) -> tuple[UnifiedModel, str]:
     """The model to train and the directory of its VQRAE checkpoint.
 
     A new model comes from ``cfg.model``. With ``cfg.init_from``, the LLM, extended tokenizer, VQRAE and
     projector come from that export (a LoRA export is merged first) and ``cfg.model`` decides how they train
     (freezing, LoRA, gradient checkpointing). The LLM trains in fp32 master weights whatever ``run.precision``
-    (bf16 is autocast, ``vqrae.runtime``); the saved config records the run's compute dtype, in which
-    inference loads the LLM on an accelerator.
+    (bf16 is autocast, ``vqrae.runtime``), and ``model.cfg.dtype`` is "float32": the export records the run's
+    compute dtype instead (``export_model(dtype=export_dtype(run.precision))``).
 
     Under ZeRO-3 (``ds_cfg``, the DeepSpeed config the engine gets) the LLM is built partitioned: each rank
     holds its share of the weights from the start (``partitioned_llm``), never a whole fp32 copy. Two matrices
@@ -101,16 +109,12 @@ def build_model(cfg: MLLMTrainConfig, ds_cfg: Optional[dict] = None) -> tuple[Un
     LLM whole and leave the partitioning to the engine: peft's trainable image-token rows are copied from the whole
     embedding, and merging an adapter needs the whole weights.
     """
-    if cfg.run.precision not in COMPUTE_DTYPES:
-        raise ConfigError(f"run.precision must be one of {', '.join(COMPUTE_DTYPES)}, got '{cfg.run.precision}'")
-    dtype = str(COMPUTE_DTYPES[cfg.run.precision]).removeprefix("torch.")  # the name MLLMConfig.dtype takes
     model_cfg = dataclasses.replace(cfg.model, dtype="float32")
     # LoRA keeps the LLM whole until the engine: peft's trainable image-token rows read the whole embedding
     zero3 = ds_cfg is not None and ds_cfg["zero_optimization"]["stage"] == 3 and not cfg.model.lora.enabled
     llm_context = (lambda: partitioned_llm(ds_cfg)) if zero3 else contextlib.nullcontext
     if not cfg.init_from:
         model = UnifiedModel.build(model_cfg, llm_context=llm_context)
-        model.cfg = dataclasses.replace(model.cfg, dtype=dtype)
         if zero3:  # transformers grows the vocabulary into whole matrices: partition them now
             import deepspeed
 
@@ -126,7 +130,7 @@ def build_model(cfg: MLLMTrainConfig, ds_cfg: Optional[dict] = None) -> tuple[Un
     # An earlier stage may have frozen the LLM; this stage's config decides again.
     llm = base.llm.requires_grad_(True).to(torch.float32)
     model_cfg = dataclasses.replace(
-        model_cfg, dtype=dtype, llm=base.cfg.llm, vqrae=base.cfg.vqrae, gguf_file=None,  # the export holds safetensors
+        model_cfg, llm=base.cfg.llm, vqrae=base.cfg.vqrae, gguf_file=None,  # the export holds safetensors
         projector=base.cfg.projector,
     )
     positions = base.image_position_table() if model_cfg.image_positions else None  # None: a fresh zero table
@@ -159,38 +163,29 @@ def unregister_vqrae(model: UnifiedModel) -> VQRAE:
     return vqrae
 
 
-def export_model(model: UnifiedModel, path: str, vqrae_dir: str, zero3: bool = False, rank: int = 0) -> None:
-    """``model.save_pretrained(path)`` with the VQRAE copied from ``vqrae_dir``, whose weights are the source
-    of truth (the trained copy may have been cast to the compute dtype). Under ZeRO-3 every rank must call
-    this: the partitioned parameters are gathered, then rank 0 writes."""
+def export_model(model: UnifiedModel, path: str, vqrae_dir: str, zero3: bool = False, rank: int = 0,
+                 dtype: Optional[str] = None) -> None:
+    """``model.save_pretrained(path, dtype)`` with the VQRAE copied from ``vqrae_dir``, whose weights are the
+    source of truth (the trained copy may have been cast to the compute dtype). ``dtype``: the LLM dtype the
+    export records (``export_dtype``; None: ``model.cfg.dtype``). Under ZeRO-3 every rank must call this: the
+    partitioned parameters are gathered, then rank 0 writes."""
     if zero3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             if rank == 0:
-                _export(model, path, vqrae_dir)
+                _export(model, path, vqrae_dir, dtype)
     elif rank == 0:
-        _export(model, path, vqrae_dir)
+        _export(model, path, vqrae_dir, dtype)
 
 
-def _export(model: UnifiedModel, path: str, vqrae_dir: str) -> None:
-    model.save_pretrained(path)
+def _export(model: UnifiedModel, path: str, vqrae_dir: str, dtype: Optional[str]) -> None:
+    model.save_pretrained(path, dtype=dtype)
     target = os.path.join(path, "vqrae")
     shutil.rmtree(target)
     os.makedirs(target)
     for name in (VQRAE_CONFIG, VQRAE_WEIGHTS):
         shutil.copy2(os.path.join(vqrae_dir, name), os.path.join(target, name))
-
-
-def prepare_batch(model: UnifiedModel, batch: Batch, device: torch.device, precision: str = "fp32") -> Batch:
-    """Move a micro-batch to ``device`` once and write the codes of its images to generate into it (encoded in
-    ``precision``, as ``write_codes`` does for pre-computed codes)."""
-    batch = batch.to(device)
-    if batch.code_images is None:
-        return batch
-    with torch.inference_mode(), autocast(precision, device):
-        code_ids = model.tokenize_images(batch.code_images)
-    return insert_codes(batch, code_ids)
 
 
 @dataclass
@@ -238,14 +233,19 @@ def register_tied_token_rows(module: torch.nn.Module) -> None:
                 deepspeed.zero.register_external_parameter(layer, param)
 
 
+def freeze_unused(model: UnifiedModel, task_ratio: float) -> None:
+    """Freeze what the tasks at ``task_ratio`` never use, so the optimizer leaves it out (``trainable_groups``):
+    the projector when only generation trains, the image position table when only understanding trains."""
+    if task_ratio == 1.0:
+        model.projector.requires_grad_(False)  # generation never reads image features
+    if task_ratio == 0.0 and model.image_positions is not None:
+        model.image_positions.requires_grad_(False)  # only code tokens use it
+
+
 def trainable_groups(model: UnifiedModel, cfg: MLLMTrainConfig) -> list:
-    """AdamW groups of what this stage trains: the LLM (or its LoRA weights), the projector unless only
-    generation trains, and the image position table unless only understanding trains."""
-    optim, data = cfg.optim, cfg.data
-    if data.task_ratio == 1.0:
-        model.projector.requires_grad_(False)  # never used by generation: keep it out of the optimizer
-    if data.task_ratio == 0.0 and model.image_positions is not None:
-        model.image_positions.requires_grad_(False)  # only code tokens use it: never trained by understanding
+    """AdamW groups of the parameters that require gradients: the LLM (or its LoRA weights), the projector and
+    the image position table (``freeze_unused`` first leaves out what this stage's tasks never use)."""
+    optim = cfg.optim
     groups = param_groups(model.llm.named_parameters(), optim.lr, optim.weight_decay, "llm")
     groups += param_groups(model.projector.named_parameters(), optim.lr, optim.weight_decay, "projector")
     if model.image_positions is not None:  # named like a pos_embed, so param_groups never decays it
@@ -277,6 +277,7 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
             source = f"init_from '{cfg.init_from}'" if cfg.init_from else f"model.llm '{cfg.model.llm}' / model.vqrae"
             raise ConfigError(f"cannot build the model from {source}: {type(e).__name__}: {first_line(e)}") from None
         vqrae = unregister_vqrae(model)
+        freeze_unused(model, data.task_ratio)
         groups = trainable_groups(model, cfg)
         n_train = sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g["params"])
         optimizer = make_optimizer(groups, optim)
@@ -324,7 +325,8 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
         def write(folder: str) -> None:
             engine.save_checkpoint(folder, tag="mllm", exclude_frozen_parameters=True)
             gathered = gather(({task: loader.state_dict() for task, loader in loaders.items()}, dict(data_stats)))
-            export_model(model, os.path.join(folder, "model"), vqrae_dir, zero_stage == 3, s.rank)
+            export_model(model, os.path.join(folder, "model"), vqrae_dir, zero_stage == 3, s.rank,
+                         export_dtype(run.precision))
             if s.main:
                 torch.save({"step": step, "micro_step": micro, "nonfinite": guard.total,
                             "nonfinite_in_a_row": guard.consecutive,

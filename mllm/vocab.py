@@ -8,7 +8,6 @@ expands to N positions and records in a boolean mask; the model never looks for 
 from __future__ import annotations
 
 import contextlib
-
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -17,6 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BOI, EOI, IMAGE = "<boi>", "<eoi>", "<image>"
+IGNORE_INDEX = -100  # label of positions that carry no loss (the Hugging Face convention)
 _CODE = re.compile(r"<img_(\d{5,})>")
 
 

@@ -27,11 +27,10 @@ from vqrae.cli import Parser, UsageError, check_model_arg, one_line  # noqa: E40
 DEFAULT_MODEL = "outputs/demo/mllm/model"  # where scripts/run_demo.sh leaves the unified model (as scripts/generate.py)
 DEMO_IMAGES = "data/shapes/test"  # the demo's held-out images, offered as examples on the Ask tab
 MAX_IMAGES = 16  # images per Draw request: the queue is shared, one request should not hold it for long
-MAX_CFG = 20.0  # guidance beyond this only saturates the logits
-MAX_TEMPERATURE = 5.0
+MAX_CFG = 20.0  # the guidance slider's end: beyond it guidance only saturates the logits
+MAX_TEMPERATURE = 5.0  # the temperature slider's end
 MAX_UPLOAD = "50mb"  # refused by the server before the file is read; pixels are limited in mllm.chat
 SEED_LIMIT = 2**31
-DECODINGS = ("autoregressive", "jacobi")  # mllm.sample.DECODINGS, named here so bad input fails before torch loads
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,18 +57,6 @@ def _text(content) -> str:
     return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in parts)
 
 
-def _check_sampling(guidance: float, temperature: float, top_k: float, top_p: float) -> None:
-    import gradio as gr
-
-    for name, value, lo, hi in [("guidance", guidance, 0, MAX_CFG), ("temperature", temperature, 0, MAX_TEMPERATURE)]:
-        if value is None or not lo <= value <= hi:
-            raise gr.Error(f"{name} must be between {lo:g} and {hi:g}, got {value}")
-    if top_k is None or top_k < 0 or top_k != int(top_k):
-        raise gr.Error(f"top-k must be a whole number >= 0 (0 = off), got {top_k}")
-    if top_p is None or not 0 < top_p <= 1:
-        raise gr.Error(f"top-p must be in (0, 1], got {top_p}")
-
-
 class Handlers:
     """What the page's buttons run, over one loaded model."""
 
@@ -79,7 +66,8 @@ class Handlers:
 
     def draw(self, prompt, negative, num_images, guidance, temperature, top_k, top_p, seed, random_seed,
              decoding="autoregressive", progress=None):
-        """Images one at a time from one seeded generator; yields (gallery, seed) as each is decoded."""
+        """Images one at a time from one seeded generator; yields (gallery, seed) as each is decoded. The page's
+        controls keep values within their ranges; ``SamplingConfig`` checks the settings."""
         import gradio as gr
         import torch
 
@@ -90,18 +78,14 @@ class Handlers:
             raise gr.Error("the prompt is empty: describe the image to draw")
         if num_images is None or num_images != int(num_images) or not 1 <= num_images <= MAX_IMAGES:
             raise gr.Error(f"number of images must be a whole number from 1 to {MAX_IMAGES}, got {num_images}")
-        _check_sampling(guidance, temperature, top_k, top_p)
-        if decoding not in DECODINGS:
-            raise gr.Error(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
         if random_seed or seed is None:
             seed = random.SystemRandom().randrange(SEED_LIMIT)
         if seed != int(seed) or not 0 <= seed < SEED_LIMIT:
             raise gr.Error(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed}")
         seed, num_images = int(seed), int(num_images)
         try:
-            sampling = self.model.sampling_config(  # options that cannot combine fail here
-                seed=seed, cfg_scale=float(guidance), temperature=float(temperature), top_k=int(top_k),
-                top_p=float(top_p), decoding=decoding,
+            sampling = self.model.sampling_config(  # bad settings, and options that cannot combine, fail here
+                seed=seed, cfg_scale=guidance, temperature=temperature, top_k=top_k, top_p=top_p, decoding=decoding,
             )
             build_generation_prompts(self.model, [prompt], negative or None)  # a too-long prompt fails here
         except ValueError as e:
@@ -188,6 +172,8 @@ def _examples(folder: str) -> list[str]:
 def build_app(model, max_new_tokens: int = 256, examples_dir: str = DEMO_IMAGES):
     """The page: a Draw tab and an Ask tab over ``model``; both events share one queue slot."""
     import gradio as gr
+
+    from mllm.sampling import DECODINGS
 
     handlers = Handlers(model, max_new_tokens)
     defaults = model.sampling_config()

@@ -27,9 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", required=True, metavar="PATH", help="the image to talk about")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"a saved unified model directory (default {DEFAULT_MODEL})")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens; 0 = off (the default)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; 1 = off (the default)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampled answers")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -111,12 +111,12 @@ def main(argv=None) -> int:
         from transformers.utils import logging as hf_logging
 
         from mllm.chat import read_chat_image, start_conversation
-        from mllm.sample import SamplingConfig
         from mllm.inference import load_model
+        from mllm.sampling import answer_sampling, flag_settings
 
         hf_logging.set_verbosity_error()
-        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=1.0,
-                                  seed=args.seed)
+        given = flag_settings(vars(args), {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p"})
+        sampling = answer_sampling(seed=args.seed, **given)
         image = read_chat_image(args.image)  # before the model load: a bad file fails fast
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(args.model, device, None if args.dtype == "auto" else args.dtype)

@@ -13,16 +13,14 @@ and --batch-size give the same images; without --seed a fresh one is drawn and p
 replaces the empty caption of the unconditional guidance branch. With --image the answer is printed; it is
 greedy unless --temperature is given.
 
-Sampling defaults are the model's own (MLLMConfig.sampling, saved with it; --cfg 4.0, --temperature 1.0, no
-top-k, top-p 1, autoregressive decoding unless its training config said otherwise); the demo model's are in
-configs/mllm/demo.yaml. --decoding jacobi draws the same distribution of images in fewer LLM forwards (other
+Sampling defaults are the model's own (MLLMConfig.sampling, saved with it: mllm.sampling.SamplingConfig's
+defaults unless its training config said otherwise); the demo model's are in configs/mllm/demo.yaml. --decoding jacobi draws the same distribution of images in fewer LLM forwards (other
 images for the same seed); --temperature 0 is greedy.
 Bad input ends the run with a one-line message on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import sys
@@ -34,6 +32,9 @@ from vqrae.cli import Parser, UsageError, one_line  # noqa: E402
 DEFAULT_MODEL = "outputs/demo/mllm/model"  # where scripts/run_demo.sh leaves the unified model
 DEFAULT_OUT = "outputs/generated"
 MAX_IMAGES = 4096  # images per run: beyond this a job is better split into runs that can each be rerun alone
+# flag -> SamplingConfig field; the fields check the values (mllm.sampling.check_sampling)
+SAMPLING_FLAGS = {"cfg": "cfg_scale", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                  "decoding": "decoding", "window": "window", "draft_init": "draft_init", "lenience": "lenience"}
 IMAGE_FLAGS = ("decoding", "window", "draft_init", "lenience")  # SamplingConfig fields for image codes only
 GRID_MAX = 256  # grid.png shows at most this many images (whole prompt rows where it can), so it stays viewable
 
@@ -97,22 +98,17 @@ def _check_writable(out: str) -> None:
         raise UsageError(f"cannot write to --out '{out}': {e.strerror or e}") from None
 
 
+def sampling_flags(args: argparse.Namespace) -> dict:
+    """The sampling settings given on the command line, as ``SamplingConfig`` fields, each checked by it (a
+    ``ValueError`` naming the flag); the model's defaults fill in the rest once it is loaded."""
+    from mllm.sampling import flag_settings
+
+    return flag_settings(vars(args), SAMPLING_FLAGS)
+
+
 def validate(args: argparse.Namespace) -> list[str]:
-    """Everything checkable without torch; returns the prompts (captions, or the one question)."""
-    for name in ("cfg", "temperature", "top_p", "lenience"):
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    if args.temperature is not None and args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.cfg is not None and args.cfg < 0:
-        raise UsageError(f"--cfg must be >= 0 (1 = no guidance), got {args.cfg}")
-    if args.top_k is not None and args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
-    if args.window is not None and args.window < 1:
-        raise UsageError(f"--window must be >= 1, got {args.window}")
+    """Everything checkable without loading the model; returns the prompts (captions, or the one question)."""
+    sampling_flags(args)
     for flag in ("num_images", "batch_size", "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -158,15 +154,6 @@ def _check_image_count(num_prompts: int, num_images: int) -> None:
         )
 
 
-def _grid_layout(num_prompts: int, num_images: int) -> tuple[int, int]:
-    """(images shown, columns) of grid.png: a row per prompt, or one prompt's images near-square."""
-    total = num_prompts * num_images
-    if num_prompts > 1 and num_images <= GRID_MAX:
-        return min(total, num_images * (GRID_MAX // num_images)), num_images
-    shown = min(total, GRID_MAX)
-    return shown, math.ceil(math.sqrt(shown))
-
-
 def _write_images(model, prompts: list[str], sampling, args: argparse.Namespace) -> str:
     """Sample, decode and write the images batch by batch, printing each path once its PNG is on disk; returns
     the grid's path. The images are those of one ``generate_images`` call over all prompts: the same rows in the
@@ -174,13 +161,14 @@ def _write_images(model, prompts: list[str], sampling, args: argparse.Namespace)
     import torch
 
     from mllm.inference import (
-        GRID_NAME, _slug, build_generation_prompts, generate_images, image_grid, save_png, to_uint8,
+        GRID_NAME, build_generation_prompts, generate_images, grid_layout, image_file_name, image_grid, save_png,
+        to_uint8,
     )
 
     build_generation_prompts(model, prompts, args.negative_prompt)  # every prompt checked before the first image
     n, total = args.num_images, len(prompts) * args.num_images
     generator = torch.Generator(device=next(model.llm.parameters()).device).manual_seed(sampling.seed)
-    shown, columns = _grid_layout(len(prompts), n)
+    shown, columns = grid_layout(len(prompts), n, GRID_MAX)
     grid, tiles = os.path.join(args.out, GRID_NAME), []
     for start in range(0, total, args.batch_size):
         rows = range(start, min(start + args.batch_size, total))  # image k is image k % n of prompt k // n
@@ -191,8 +179,7 @@ def _write_images(model, prompts: list[str], sampling, args: argparse.Namespace)
         pixels = to_uint8(batch.images)  # (b, 3, H, W)
         for k, image in zip(rows, pixels):
             i, j = divmod(k, n)
-            slug = _slug(prompts[i])  # the names save_images gives
-            path = os.path.join(args.out, f"{i:03d}_{j:02d}" + (f"_{slug}" if slug else "") + ".png")
+            path = os.path.join(args.out, image_file_name(i, j, prompts[i]))  # the names save_images gives
             save_png(image, path)
             print(path, flush=True)
         tiles.extend(pixels[: max(0, shown - start)])
@@ -219,8 +206,8 @@ def _run(args: argparse.Namespace, prompts: list[str]) -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from mllm.sample import SamplingConfig
     from mllm.inference import answer_question, read_image
+    from mllm.sampling import answer_sampling
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # stderr carries errors only
@@ -230,28 +217,22 @@ def _run(args: argparse.Namespace, prompts: list[str]) -> None:
     except RuntimeError as e:
         raise ValueError(f"--device '{args.device}': {e}") from None
     dtype = None if args.dtype == "auto" else args.dtype
-    given = {k: v for k, v in dict(top_k=args.top_k, top_p=args.top_p).items() if v is not None}
+    given = sampling_flags(args)
 
     if args.image is not None:
         image = read_image(args.image)  # before the model load: a bad file fails fast
         model = _load_model(args.model, device, dtype, args.trust_remote_code)
-        temperature = args.temperature if args.temperature is not None else 0.0
-        sampling = SamplingConfig(temperature=temperature, cfg_scale=1.0, seed=args.seed, **given)
+        text = {k: v for k, v in given.items() if k != "cfg_scale"}  # guidance is for images
+        sampling = answer_sampling(seed=args.seed, **text)
         print(answer_question(model, image, prompts[0], max_new_tokens=args.max_new_tokens, sampling=sampling))
         return
 
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    if args.temperature is not None:
-        given["temperature"] = args.temperature
-    if args.cfg is not None:
-        given["cfg_scale"] = args.cfg
-    given.update({k: getattr(args, k) for k in IMAGE_FLAGS if getattr(args, k) is not None})
     model = _load_model(args.model, device, dtype, args.trust_remote_code)
     sampling = model.sampling_config(seed=seed, **given)  # the model's own defaults, then the flags
     grid = _write_images(model, prompts, sampling, args)
     print(f"grid: {grid}")
     print(f"seed: {seed}")
-
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ import torch.distributed as dist  # noqa: E402
 import deepspeed  # noqa: E402
 
 import mllm  # noqa: E402
-import mllm.tasks  # noqa: E402
+import mllm.data  # noqa: E402
 import mllm.train  # noqa: E402
 import vqrae.data  # noqa: E402
 import vqrae.elastic  # noqa: E402
@@ -56,7 +56,7 @@ def recording_build_dataloader(*args, **kwargs):
     return RecordingLoader(loader, rows), sampler
 
 
-real_getitem = mllm.tasks._Keyed.__getitem__
+real_getitem = mllm.data._Keyed.__getitem__
 
 
 def recording_getitem(self, key):
@@ -100,7 +100,7 @@ def main(plan_path: str) -> None:
     with open(plan_path) as f:
         plan = json.load(f)
     vqrae.train.build_dataloader = recording_build_dataloader
-    mllm.tasks._Keyed.__getitem__ = recording_getitem
+    mllm.data._Keyed.__getitem__ = recording_getitem
     mllm.train.make_loaders = recording_make_loaders
     real_agreed = vqrae.elastic.StopSignals.agreed
     real_build = mllm.train.build_model

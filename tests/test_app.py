@@ -22,7 +22,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 from mllm.chat import chat_answer, read_chat_image, start_conversation  # noqa: E402
 from mllm.inference import generate_images, load_model, to_uint8  # noqa: E402
-from mllm.sample import SamplingConfig  # noqa: E402
+from mllm.sampling import SamplingConfig  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
 from tests.test_chat import write_chat_model  # noqa: E402
 from demo.shapes import write_imagefolder  # noqa: E402

@@ -5,10 +5,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from mllm import (
-    LoraSettings, MLLMConfig, UnifiedModel, collate, generation_example, pad_token_id, understanding_example,
-)
-from mllm.data import IGNORE_INDEX, insert_codes
+from mllm import LoraSettings, MLLMConfig, UnifiedModel, pad_token_id
+from mllm.data import collate, generation_example, insert_codes, understanding_example
+from mllm.vocab import IGNORE_INDEX
 from mllm.model import labelled_cross_entropy, split_output_layer
 from tests.helpers import CODEBOOK_SIZE as K
 from tests.helpers import NUM_TOKENS as N

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from mllm import MLLMConfig, SamplingConfig, UnifiedModel, add_image_tokens, generate_image_codes, pad_token_id
-from mllm.data import generation_prompt_ids, generation_prompts, understanding_prompt
 from mllm.inference import (
-    GeneratedImages, answer_question, build_generation_prompts, generate_images, grid_columns, image_grid,
-    load_model, max_prompt_tokens, read_image, save_images, stop_ids, to_uint8,
+    GeneratedImages, answer_question, build_generation_prompts, generate_images, grid_layout, image_file_name,
+    image_grid, load_model, max_prompt_tokens, read_image, save_images, stop_ids, to_uint8,
 )
+from mllm.prompts import generation_prompt_ids, generation_prompts, understanding_prompt
 from tests.helpers import CODEBOOK_SIZE as K
 from tests.helpers import NUM_TOKENS as N
 from tests.helpers import make_llm, make_tokenizer, write_llm, write_vqrae
@@ -173,8 +173,12 @@ def test_to_uint8_and_grid_known_values():
         assert torch.equal(grid[:, y : y + 4, x : x + 6], images[k])
         covered[y : y + 4, x : x + 6] = True
     assert bool((grid[:, ~covered] == 255).all())  # padding and the empty sixth tile
-    assert [grid_columns(1, n) for n in (1, 2, 4, 5, 9)] == [1, 2, 2, 3, 3]
-    assert grid_columns(3, 2) == 2
+    assert [grid_layout(1, n)[1] for n in (1, 2, 4, 5, 9)] == [1, 2, 2, 3, 3]
+    assert grid_layout(3, 2) == (6, 2)
+    # scripts/generate.py shows at most GRID_MAX: whole prompt rows, else the first images near-square
+    assert grid_layout(3, 4, max_shown=10) == (8, 4)
+    assert grid_layout(1, 300, max_shown=256) == (256, 16)
+    assert grid_layout(2, 300, max_shown=256) == (256, 16)
 
 
 def test_save_images_writes_exact_pixels(tmp_path):
@@ -182,6 +186,8 @@ def test_save_images_writes_exact_pixels(tmp_path):
     saved = save_images(GeneratedImages(images, torch.zeros(4, 2), ["A red circle!", "?"], 2), str(tmp_path / "o"))
     assert [os.path.basename(p) for p in saved.paths] == [
         "000_00_a-red-circle.png", "000_01_a-red-circle.png", "001_00.png", "001_01.png"]
+    assert [os.path.basename(p) for p in saved.paths] == [image_file_name(i, j, p) for i, p in enumerate(
+        ["A red circle!", "?"]) for j in range(2)]  # the names scripts/generate.py writes
     for k, path in enumerate(saved.paths):
         assert torch.equal(png(path), to_uint8(images[k]))
     assert torch.equal(png(saved.grid), image_grid(to_uint8(images), 2))

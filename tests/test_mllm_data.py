@@ -8,11 +8,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mllm import (
-    ExampleRows, Skipped, add_image_tokens, collate, generation_example, generation_prompt_ids, generation_prompts,
-    insert_codes, load_conversations, open_image_text, pad_token_id, understanding_example, understanding_prompt,
+from mllm import add_image_tokens, generation_prompt_ids, generation_prompts, pad_token_id, understanding_prompt
+from mllm.data import (
+    PENDING, ExampleRows, Skipped, collate, generation_example, insert_codes, load_conversations, open_image_text,
+    understanding_example,
 )
-from mllm.data import IGNORE_INDEX, PENDING
+from mllm.vocab import IGNORE_INDEX
 from tests.test_mllm_model import K, N, build, dirs, make_tokenizer  # noqa: F401  (dirs is a fixture)
 from vqrae.data import SampleKey
 

@@ -7,10 +7,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from mllm import (
-    ImageVocab, LoraSettings, MLLMConfig, UnifiedModel, add_image_tokens, code_token, codebook_offsets, collate,
-    generation_example, insert_codes, pad_token_id, resize_embeddings, understanding_example,
+    ImageVocab, LoraSettings, MLLMConfig, UnifiedModel, add_image_tokens, code_token, codebook_offsets, pad_token_id,
+    resize_embeddings,
 )
-from mllm.data import IGNORE_INDEX
+from mllm.data import collate, generation_example, insert_codes, understanding_example
+from mllm.vocab import IGNORE_INDEX
 from tests.helpers import tiny_vqrae_config
 from vqrae import VQRAE
 

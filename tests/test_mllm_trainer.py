@@ -11,9 +11,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mllm import MLLMConfig, UnifiedModel, UnifiedOutput
-from mllm.data import IGNORE_INDEX, collate, generation_prompt_ids
-from mllm.tasks import GENERATION, UNDERSTANDING, MLLMDataConfig, TaskLoader, TaskMetrics, TaskSchedule, make_loaders, task_rows
-from mllm.train import MLLMTrainConfig, build_model, check_config, export_model, prepare_batch, unregister_vqrae
+from mllm.data import MLLMDataConfig, TaskLoader, collate, make_loaders, prepare_batch, task_rows
+from mllm.model import read_config
+from mllm.prompts import generation_prompt_ids
+from mllm.tasks import GENERATION, UNDERSTANDING, TaskMetrics, TaskSchedule
+from mllm.train import (
+    MLLMTrainConfig, build_model, check_config, export_dtype, export_model, freeze_unused, trainable_groups,
+    unregister_vqrae,
+)
+from mllm.vocab import IGNORE_INDEX
 from mllm.codes import open_codes, place_vqrae, write_codes
 from tests.helpers import NUM_TOKENS, write_tiny_assets
 from vqrae import VQRAE
@@ -138,11 +144,30 @@ def test_vqrae_stays_outside_the_module_and_gets_no_gradients(assets):
     assert all(p.dtype == torch.float32 for p in vqrae.parameters())
 
 
+@pytest.mark.parametrize("ratio, frozen", [(1.0, "projector"), (0.0, "image_positions"), (0.5, None)])
+def test_parts_a_stage_never_uses_are_frozen_by_the_caller_not_by_the_groups(assets, ratio, frozen):
+    cfg = train_config(assets, task_ratio=ratio)
+    cfg.model.image_positions = True
+    model = model_for(cfg)
+    flags = lambda: {n: p.requires_grad for n, p in model.named_parameters()}  # noqa: E731
+    before = flags()
+    groups = trainable_groups(model, cfg)
+    assert flags() == before  # building the groups changes nothing
+    freeze_unused(model, ratio)
+    parts = {"projector": model.projector.parameters(), "image_positions": model.image_positions.parameters()}
+    for name, params in parts.items():
+        assert all(p.requires_grad == (name != frozen) for p in params)
+    grouped = {id(p) for g in trainable_groups(model, cfg) for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} >= grouped
+
+
 def test_bf16_codes_come_from_the_exact_fp32_search_and_export_keeps_the_stored_vqrae(assets, tmp_path):
     cfg = train_config(assets)
     cfg.run.precision = "bf16"
+    before = dataclasses.replace(cfg.model)
     model, vqrae_dir = build_model(cfg)
-    assert model.llm.dtype == torch.float32 and model.cfg.dtype == "bfloat16"  # fp32 master, bf16 recorded
+    assert model.llm.dtype == torch.float32 and model.cfg.dtype == "float32" and cfg.model == before  # fp32 master
     vqrae = unregister_vqrae(model)
     place_vqrae(vqrae, CPU)
     assert vqrae.encoder.model.patch_embed.proj.weight.dtype == torch.float32
@@ -156,7 +181,8 @@ def test_bf16_codes_come_from_the_exact_fp32_search_and_export_keeps_the_stored_
     z = vqrae.quantizer.project(feats.float())
     brute = torch.cdist(z, vqrae.quantizer.codebook).argmin(-1)
     assert torch.equal(model.ids_to_image_codes(ids), brute)
-    export_model(model, str(tmp_path / "export"), vqrae_dir)
+    export_model(model, str(tmp_path / "export"), vqrae_dir, dtype=export_dtype(cfg.run.precision))
+    assert read_config(str(tmp_path / "export")).dtype == "bfloat16"  # bf16 recorded for inference
     stored = load_file(os.path.join(assets["vqrae"], "model.safetensors"))
     exported = load_file(str(tmp_path / "export" / "vqrae" / "model.safetensors"))
     assert all(torch.equal(stored[k], exported[k]) for k in stored) and stored.keys() == exported.keys()
