@@ -3,8 +3,7 @@ import os
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import PreTrainedTokenizerFast
 
 from mllm import (
     ImageVocab, LoraSettings, MLLMConfig, UnifiedModel, add_image_tokens, code_token, codebook_offsets, pad_token_id,
@@ -12,52 +11,25 @@ from mllm import (
 )
 from mllm.data import collate, generation_example, insert_codes, understanding_example
 from mllm.vocab import IGNORE_INDEX
-from tests.helpers import tiny_vqrae_config
+from tests import helpers
+from tests.helpers import make_llm, tiny_vqrae_config
 from vqrae import VQRAE
 
 K = 64  # tiny VQRAE codebook
 N = 16  # tokens per 32 px image with 8 px patches
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 SENTENCES = [
     "a red cat sits on the mat", "a small dog runs in the park", "what is in the image ? a cat",
     "describe the picture . it shows a blue car", "user assistant system question answer",
 ]
 
 
-def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer trained on a few sentences, with ChatML special tokens."""
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["<unk>", "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=specials))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    if chat_template:
-        fast.chat_template = CHATML
-    return fast
+def make_tokenizer(chat_template: bool = True):
+    """The stand-in's word-level tokenizer over a few sentences, ChatML special tokens."""
+    return helpers.make_tokenizer(SENTENCES, chat_template=chat_template)
 
 
-def make_llm(family: str, vocab_size: int):
-    """Tiny random causal LMs: LLaMA with an untied LM head, Qwen3 with a tied one."""
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256,
-    )
-    if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
-    return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16, tie_word_embeddings=True))
-
-
-def write_llm(path, family: str, tokenizer=None, extra_rows: int = 0) -> str:
-    tokenizer = tokenizer if tokenizer is not None else make_tokenizer()
-    tokenizer.save_pretrained(path)
-    make_llm(family, len(tokenizer) + extra_rows).save_pretrained(path)
-    return str(path)
+def write_llm(path, family: str, tokenizer=None) -> str:
+    return helpers.write_llm(str(path), family, tokenizer if tokenizer is not None else make_tokenizer())
 
 
 @pytest.fixture(scope="module")
