@@ -12,7 +12,8 @@ import torch
 
 from tests.helpers import ROOT, tiny_vqrae_config, write_images
 from vqrae import VQRAE
-from vqrae.runtime import OptimConfig, RunConfig, cpu_threads, deepspeed_config
+from vqrae.runtime.config import OptimConfig, RunConfig, deepspeed_config
+from vqrae.runtime.distributed import cpu_threads
 
 
 def test_importing_the_packages_needs_no_scipy_deepspeed_or_command_line_code():
@@ -59,7 +60,7 @@ def test_cpu_threads_share_the_usable_cores(cores, ranks, want):
 def test_a_users_thread_count_wins(single_rank):
     code = (
         "import torch\n"
-        "from vqrae.runtime import init_distributed\n"
+        "from vqrae.runtime.distributed import init_distributed\n"
         "init_distributed()\n"
         "print(torch.get_num_threads())\n"
     )
@@ -148,7 +149,7 @@ def test_tokenizer_loop_reads_back_once_per_log_interval_and_logs_the_same_value
     vt.train(_tiny_run(tmp_path, "a"))
     monkeypatch.undo()
     assert len(steps) == 9
-    summary = counter.calls.pop("vqrae/train.py:LogWindow.summary", 0)
+    summary = counter.calls.pop("vqrae/runtime/log.py:MetricsWindow.read", 0)
     assert summary == 3  # one packed transfer per log interval, nothing per micro-step
     assert counter.calls == {}, f"host reads in the loop: {sorted(set(counter.lines))}"
 
