@@ -12,7 +12,7 @@ import random
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -21,9 +21,6 @@ from safetensors import SafetensorError
 from .config import TrainingError
 from .distributed import barrier, from_rank0
 from .log import first_line
-
-if TYPE_CHECKING:
-    from .session import Session
 
 log = logging.getLogger("vqrae")
 
@@ -215,10 +212,11 @@ def publish(checkpoint: str, export_dir: str) -> None:
     os.replace(tmp, export_dir)
 
 
-def save_checkpoint(s: Session, step: int, last: Optional[str], write: Callable[[str], None]) -> str:
-    """One checkpoint of ``step``: ``write(folder)`` stores the engines and (rank 0) the trainer state, this
-    function the RNG, then the manifest is committed. A failed write (full disk, lost mount) leaves the earlier
-    checkpoints as they were and is a one-line ``TrainingError`` naming ``last``, the newest complete one."""
+def save_checkpoint(s, step: int, last: Optional[str], write: Callable[[str], None]) -> str:
+    """One checkpoint of ``step`` of the run ``s`` (a ``session.Session``: its ``ckpt`` and ``rank``): ``write(folder)``
+    stores the engines and (rank 0) the trainer state, this function the RNG, then the manifest is committed. A
+    failed write (full disk, lost mount) leaves the earlier checkpoints as they were and is a one-line
+    ``TrainingError`` naming ``last``, the newest complete one."""
     try:
         tmp = s.ckpt.tmp_dir(step)
         write(tmp)
