@@ -31,7 +31,7 @@ from vqrae.runtime.guard import NonFiniteGuard
 from vqrae.runtime.log import MetricsWindow, RunLogger, WindowReading, first_line
 from vqrae.runtime.optim import grad_norm_before_step, guarded_optimizer, make_optimizer, make_scheduler, param_groups
 from vqrae.runtime.precision import COMPUTE_DTYPES, autocast
-from vqrae.runtime.session import EmptyBatches, due, finish, load_engine, restore, resumed_line, session
+from vqrae.runtime.session import EmptyBatches, SaveSchedule, due, finish, load_engine, restore, resumed_line, session
 
 from .codes import CODES_MANIFEST, place_vqrae
 from .data import Batch, insert_codes
@@ -364,7 +364,7 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
         # -- loop: one micro-batch of one task per iteration ---------------------------------------------------
         engine.train()
         empty = EmptyBatches(1000)
-        save_wanted = False  # a checkpoint falls due but waits while the latest steps were skipped
+        saves = SaveSchedule(run.save_every, run.steps)
         while step < run.steps:
             task = schedule.task(micro)
             batch = loaders[task].next()
@@ -391,12 +391,10 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
                                if not g.get("name", "").endswith("no_decay")})
                 values["nonfinite_steps"] = guard.total
                 logger.scalars(step, values)
-            save_wanted = save_wanted or due(step, run.save_every, run.steps)
-            if save_wanted and (guard.clear_to_save(step, last_ckpt, logger.info) or step == run.steps):
-                last_ckpt, save_wanted = save_checkpoint(s, step, last_ckpt, write), False
+            if saves.ready(step, guard, last_ckpt, logger.info):  # due, and the latest steps were not skipped
+                last_ckpt = save_checkpoint(s, step, last_ckpt, write)
             stop.exit_if_agreed(s, step, run.steps, last_ckpt, guard, write, logger)  # pre-empted: checkpoint, out
 
-        guard.read(last_ckpt, logger.info)
         dropped = {k: v for k, v in data_stats.items() if k != "ok" and v}
-        return finish(s, run, step, last_ckpt, logger, f"data on rank 0: {dropped or 'no dropped or converted rows'}; "
-                                                         f"non-finite steps skipped: {guard.total}")
+        return finish(s, run, step, last_ckpt, logger, guard,
+                      f"data on rank 0: {dropped or 'no dropped or converted rows'}")

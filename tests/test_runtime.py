@@ -12,8 +12,9 @@ import torch
 from tests.helpers import ROOT
 from vqrae.runtime.config import OptimConfig, RunConfig, TrainingError, check_run_config, world_sizes
 from vqrae.runtime.distributed import all_reduce_sum, from_rank0, gather, host_any
+from vqrae.runtime.guard import NonFiniteGuard
 from vqrae.runtime.log import MetricsWindow, first_line
-from vqrae.runtime.session import due
+from vqrae.runtime.session import SaveSchedule, due
 
 PACKAGE = os.path.join(ROOT, "vqrae", "runtime")
 MODULES = sorted(f[:-3] for f in os.listdir(PACKAGE) if f.endswith(".py") and f != "__init__.py")
@@ -83,6 +84,17 @@ def test_collectives_are_identities_in_a_lone_process():
 @pytest.mark.parametrize("step, want", [(10, True), (15, False), (20, True), (23, True)])
 def test_due_every_n_steps_and_at_the_end(step, want):
     assert due(step, 10, 23) == want
+
+
+def test_a_due_checkpoint_waits_while_the_latest_steps_were_skipped_except_at_the_end():
+    guard, saves, lines = NonFiniteGuard(10), SaveSchedule(every=2, total=6), []
+    written = []
+    for step, finite in enumerate([True, False, False, True, True, False], start=1):
+        guard.observe(torch.tensor(1.0 if finite else float("nan")))
+        guard.record(step, guard.arm())
+        if saves.ready(step, guard, None, lines.append):
+            written.append(step)
+    assert written == [4, 6]  # step 2 was skipped: its save waits for step 4; step 6 is the last, saved anyway
 
 
 def test_first_line_of_an_error():

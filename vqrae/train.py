@@ -44,7 +44,7 @@ from .runtime.guard import NonFiniteGuard
 from .runtime.log import MetricsWindow, RunLogger, first_line
 from .runtime.optim import EMA, grad_norm_before_step, guarded_optimizer, make_optimizer, make_scheduler, param_groups
 from .runtime.precision import autocast
-from .runtime.session import EmptyBatches, due, finish, load_engine, restore, resumed_line, session
+from .runtime.session import EmptyBatches, SaveSchedule, due, finish, load_engine, restore, resumed_line, session
 
 
 @dataclass
@@ -377,7 +377,7 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
         engine.train()
         data_iter = iter(loader)
         window = MetricsWindow(device)
-        save_wanted = False  # a checkpoint falls due but waits while the latest steps were skipped
+        saves = SaveSchedule(run.save_every, run.steps)
         # a source with no readable image would otherwise skip empty micro-batches forever; streams have no epoch
         empty = EmptyBatches(len(sampler) if hasattr(sampler, "__len__") else 1000)
         while step < run.steps:
@@ -431,12 +431,9 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
                 os.makedirs(os.path.join(run.output_dir, "samples"), exist_ok=True)
                 save_image(grid, os.path.join(run.output_dir, "samples", f"step_{step:08d}.png"))
                 logger.image(step, "reconstructions", grid)
-            save_wanted = save_wanted or due(step, run.save_every, run.steps)
-            if save_wanted and (guard.clear_to_save(step, last_ckpt, logger.info) or step == run.steps):
-                last_ckpt, save_wanted = save_checkpoint(s, step, last_ckpt, write), False
+            if saves.ready(step, guard, last_ckpt, logger.info):  # due, and the latest steps were not skipped
+                last_ckpt = save_checkpoint(s, step, last_ckpt, write)
             stop.exit_if_agreed(s, step, run.steps, last_ckpt, guard, write, logger)  # pre-empted: checkpoint, out
 
-        guard.read(last_ckpt, logger.info)
         bad = {k: v for k, v in data_stats.items() if k != "ok" and v}
-        return finish(s, run, step, last_ckpt, logger, f"data: {bad if bad else 'no unreadable or converted images'}; "
-                                                         f"non-finite steps skipped: {guard.total}")
+        return finish(s, run, step, last_ckpt, logger, guard, f"data: {bad or 'no unreadable or converted images'}")

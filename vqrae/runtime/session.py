@@ -14,6 +14,7 @@ from . import elastic
 from .checkpoint import Checkpointer, publish, seed_everything, set_rng_state
 from .config import RunConfig, TrainingError
 from .distributed import host_any, init_distributed
+from .guard import NonFiniteGuard
 from .lock import release_run_lock, take_run_lock
 from .log import RunLogger
 from .safe_load import load_engine_checkpoint, safe_load
@@ -110,14 +111,34 @@ def due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
-def finish(s: Session, run: RunConfig, step: int, last: Optional[str], logger: RunLogger, summary: str) -> Optional[str]:
-    """Rank 0 publishes the newest checkpoint's model as ``<output_dir>/model`` and logs ``summary``; returns
-    the export folder (None on other ranks or without a checkpoint)."""
+class SaveSchedule:
+    """When a run writes its checkpoints: every ``every`` steps and at step ``total``. One that falls due waits while
+    the latest steps were skipped (``NonFiniteGuard.clear_to_save``, which settles the guard's pending flags), so
+    that it never replaces the last good checkpoint with a run of skipped steps; the last step's is never held."""
+
+    def __init__(self, every: int, total: int):
+        self.every, self.total, self.wanted = every, total, False
+
+    def ready(self, step: int, guard: NonFiniteGuard, last: Optional[str], info: Callable[[str], None]) -> bool:
+        """Whether to write the checkpoint of ``step`` now (every rank calls it: settling the guard is a collective)."""
+        self.wanted = self.wanted or due(step, self.every, self.total)
+        if self.wanted and (guard.clear_to_save(step, last, info) or step == self.total):
+            self.wanted = False
+            return True
+        return False
+
+
+def finish(s: Session, run: RunConfig, step: int, last: Optional[str], logger: RunLogger, guard: NonFiniteGuard,
+           summary: str) -> Optional[str]:
+    """End the run: settle ``guard``'s last flags (a collective; too many non-finite steps in a row still stop the
+    run), then rank 0 publishes the newest checkpoint's model as ``<output_dir>/model`` and logs ``summary`` with
+    the count of skipped steps; returns the export folder (None on other ranks or without a checkpoint)."""
+    guard.read(last, logger.info)
     export_dir = None
     if s.main and last:
         export_dir = os.path.join(run.output_dir, "model")
         publish(last, export_dir)
-        logger.info(summary)
+        logger.info(f"{summary}; non-finite steps skipped: {guard.total}")
         logger.info(f"done: {step} steps; model exported to {export_dir}")
     logger.close()
     return export_dir
