@@ -1,6 +1,6 @@
 """What both trainers do around their loops: ``session`` (process group, seeds, the run lock, the checkpoint to
-resume), ``restore`` and ``load_engine`` (on this or another number of ranks), ``EmptyBatches``, ``due`` and
-``finish``. Each loop stays in its trainer (``vqrae.train``, ``mllm.train``) and calls these in order."""
+resume), ``restore`` and ``load_engine`` (on this or another number of ranks), ``EmptyBatches``, ``due``,
+``SaveSchedule`` and ``finish``. Each loop stays in its trainer (``vqrae.train``, ``mllm.train``) and calls these in order."""
 from __future__ import annotations
 
 import os
