@@ -30,9 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from tokenizers import Tokenizer, models  # noqa: E402
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
+from demo.llm import standin_llm, word_tokenizer  # noqa: E402
 from mllm.model import IGNORE_INDEX, MLLMConfig, UnifiedModel  # noqa: E402
 from mllm.projector import MLPProjector  # noqa: E402
 from mllm.vocab import add_image_tokens  # noqa: E402
@@ -70,15 +69,12 @@ PRESETS = {
 def build(preset: Preset, device: torch.device) -> UnifiedModel:
     """A UnifiedModel over a random Qwen3-shaped LLM in fp32 (the recipe's master weights) and a tiny VQRAE with
     the preset's K: the codes are given, so the VQRAE never runs."""
-    words = Tokenizer(models.WordLevel({"<unk>": 0, "<pad>": 1}, unk_token="<unk>"))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>")
-    add_image_tokens(tokenizer, preset.codebook)  # ids 2 .. K + 4; every other LLM row plays a text token
-    torch.manual_seed(0)
-    llm = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=preset.vocab, hidden_size=preset.hidden, num_hidden_layers=preset.layers,
-        num_attention_heads=preset.heads, num_key_value_heads=preset.kv_heads, head_dim=preset.head_dim,
-        intermediate_size=preset.intermediate, max_position_embeddings=4096, tie_word_embeddings=preset.tied,
-    )).to(device)
+    tokenizer = word_tokenizer([])  # the stand-in's special tokens only (demo.llm)
+    add_image_tokens(tokenizer, preset.codebook)  # ids 6 .. K + 8; every other LLM row plays a text token
+    llm = standin_llm("qwen3", preset.vocab, hidden_size=preset.hidden, num_hidden_layers=preset.layers,
+                      num_attention_heads=preset.heads, num_key_value_heads=preset.kv_heads, head_dim=preset.head_dim,
+                      intermediate_size=preset.intermediate, max_position_embeddings=4096,
+                      tie_word_embeddings=preset.tied).to(device)
     side = 8 * int(preset.image_tokens**0.5)  # patch 8: N tokens
     vqrae = VQRAE(VQRAEConfig(
         encoder=EncoderConfig(backend="timm", name="vit_so400m_patch16_siglip_256", pretrained=False, image_size=side,

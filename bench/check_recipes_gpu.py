@@ -53,16 +53,9 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 QWEN3_0P6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                  intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6,
-                  rms_norm_eps=1e-6, tie_word_embeddings=True)
+                  intermediate_size=3072, max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6)
+QWEN3_VOCAB = 151936  # rows of Qwen3's embedding and LM head
 QWEN3_TOKENIZER_LEN = 151669  # len() of the Qwen3 tokenizer: with the K code tokens the LM head grows past 151936
-TINY_LLM = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                intermediate_size=128, max_position_embeddings=2048, tie_word_embeddings=True)
-SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 OOM = re.compile(r"out of memory|OutOfMemoryError", re.IGNORECASE)
 
 
@@ -226,28 +219,22 @@ def write_images(root: str, count: int, size: int) -> str:
 
 
 def write_llm(path: str, captions: list[str], full: bool, device: torch.device) -> str:
-    """A random Qwen3 LLM with a word-level tokenizer over ``captions``. ``full``: the Qwen3-0.6B shape, with
-    filler words padding the tokenizer to Qwen3's length, so adding the K code tokens grows the embedding and
-    LM head to the rows the real model gets."""
+    """The stand-in Qwen3 (``demo.llm``) with a word-level chat tokenizer over ``captions``. ``full``: the
+    Qwen3-0.6B shape, with filler words padding the tokenizer to Qwen3's length, so adding the K code tokens grows
+    the embedding and LM head to the rows the real model gets; else the tests' tiny shape."""
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-    words = sorted({w for c in captions + ["user assistant system"] for w in re.findall(r"\w+|[^\w\s]+", c)})
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + words)}
-    if full:
-        vocab.update({f"filler{i}": i for i in range(len(vocab), QWEN3_TOKENIZER_LEN)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", additional_special_tokens=SPECIAL_TOKENS[4:])
-    tokenizer.chat_template = CHATML
+    from demo.llm import standin_llm, word_tokenizer
+
+    tokenizer = word_tokenizer(captions + ["user assistant system"], by_frequency=False,
+                               size=QWEN3_TOKENIZER_LEN if full else None)
     tokenizer.save_pretrained(path)
     transformers.utils.logging.disable_progress_bar()  # the "Writing model shards" bar would clutter the report
-    shape = QWEN3_0P6B if full else dict(TINY_LLM, vocab_size=len(tokenizer))
-    torch.manual_seed(0)
-    with torch.device(device):  # a 0.6B model initialises in a fraction of the CPU time on a GPU
-        llm = Qwen3ForCausalLM(Qwen3Config(**shape))
+    # drawn on the device: a 0.6B model initialises in a fraction of the CPU time on a GPU
+    if full:
+        llm = standin_llm("qwen3", QWEN3_VOCAB, device=device, **QWEN3_0P6B)
+    else:
+        llm = standin_llm("qwen3", len(tokenizer), device=device, max_position_embeddings=2048)
     llm.to(torch.bfloat16).save_pretrained(path)
     del llm
     return path
@@ -256,17 +243,46 @@ def write_llm(path: str, captions: list[str], full: bool, device: torch.device) 
 # ----------------------------------------------------------------------------- FLOP counting
 
 
+class EagerEngine(torch.nn.Module):
+    """As much of a DeepSpeed engine (a module wrapping ``module``) as ``vqrae.train.train_step`` uses, on one
+    process with no optimizer: the step's forward and backward run as in training, and no weight changes
+    (``step`` is a no-op, never at an accumulation boundary)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        return self.module(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        pass
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return False
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def bfloat16_enabled(self) -> bool:
+        return False
+
+
 def tokenizer_flops_per_image(config: str, overrides: list[str], device: torch.device, batch: int = 2) -> float:
     """Matmul and convolution FLOPs per image of one training step as ``scripts/train_tokenizer.py`` takes
-    it: forward, stage-2 teacher, generator loss with LPIPS and the adaptive GAN weight, backward, and the
-    discriminator step. Counted in fp32: the count does not depend on the dtype."""
+    it (``vqrae.train.train_step`` with the GAN on): forward, stage-2 teacher, generator loss with LPIPS and the
+    adaptive GAN weight, backward, and the discriminator step. Counted in fp32: the count does not depend on the
+    dtype."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from vqrae import VQRAE
     from vqrae.config import load_config
     from vqrae.losses import PerceptualLoss
-    from vqrae.train import TokenizerTrainConfig, build_discriminator, make_teacher, set_stage
-    from vqrae.losses import discriminator_loss, generator_loss, match_size
+    from vqrae.runtime import NonFiniteGuard
+    from vqrae.train import TokenizerTrainConfig, build_discriminator, make_teacher, set_stage, train_step
 
     cfg = load_config(TokenizerTrainConfig, config, overrides)
     with warnings.catch_warnings(), torch.device(device):
@@ -276,21 +292,13 @@ def tokenizer_flops_per_image(config: str, overrides: list[str], device: torch.d
         set_stage(model, cfg.stage)
         teacher = make_teacher(model.encoder) if cfg.stage == 2 else None
         loss = cfg.loss
-        disc = build_discriminator(loss) if loss.gan_weight > 0 else None
+        disc = EagerEngine(build_discriminator(loss)) if loss.gan_weight > 0 else None
         perceptual = PerceptualLoss(loss.lpips_net, loss.lpips_backbone).to(device) if loss.perceptual_weight > 0 else None
         images = torch.rand(batch, 3, cfg.data.resolution, cfg.data.resolution) * 2 - 1
+    guard = NonFiniteGuard(1, device)
     with FlopCounterMode(display=False) as counter:
-        out = model(images)
-        target = match_size(images, model.image_size)
-        feats = None
-        if teacher is not None:
-            with torch.no_grad():
-                feats = teacher(images)
-        gl = generator_loss(out, target, loss, loss.gan_start_step, perceptual, disc, feats,
-                            model.decoder.last_layer.weight)
-        gl.total.backward()
-        if disc is not None:
-            discriminator_loss(disc, target, out.reconstruction).backward()
+        train_step(EagerEngine(model), disc, images, loss, loss.gan_start_step, "fp32", guard, perceptual, teacher,
+                   model.decoder.last_layer.weight)
     return counter.get_total_flops() / batch
 
 

@@ -1,7 +1,8 @@
 """Create the demo's stand-in LLM: a small randomly initialised LLaMA-shaped model and a word-level tokenizer
 built from the shapes data set's captions and questions, saved like any Hugging Face model directory.
 
-A real run names a hub LLM instead (``model.llm: Qwen/Qwen3-0.6B``); nothing else changes.
+The model and tokenizer come from ``demo.llm``, the stand-in the tests and benchmarks use too. A real run names a
+hub LLM instead (``model.llm: Qwen/Qwen3-0.6B``); nothing else changes.
 
 Its weights are drawn at std 0.05 (``--init-std``), not Hugging Face's 0.02: at 0.02 this 128-wide model sat on a
 loss plateau whose length depended on the data order (one order escaped it, the next did not within the demo's
@@ -14,26 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 
-
-def build_tokenizer(words: set[str]):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
-    vocab = {tok: i for i, tok in enumerate(specials + ["\n"] + sorted(words))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    # newlines are tokens (they end prompts); spaces separate words; punctuation stands alone
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
-        pre_tokenizers.Split(Regex(" +"), behavior="removed"),
-        pre_tokenizers.Punctuation(behavior="isolated"),
-    ])
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
-                                   eos_token="<eos>")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> None:
@@ -50,24 +34,20 @@ def main() -> None:
     if not os.path.isfile(meta):
         print(f"error: no shapes data at {args.data}; run scripts/make_demo_data.py first", file=sys.stderr)
         sys.exit(2)
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from demo.llm import standin_llm, word_tokenizer
 
-    words: set[str] = set()
+    texts = []
     for split in ("train", "test"):
         for line in open(os.path.join(args.data, split, "metadata.jsonl")):
             row = json.loads(line)
-            texts = [row["caption"]] + [t for qa in row["questions"] for t in (qa["question"], qa["answer"])]
-            for text in texts:
-                words.update(w for w in re.findall(r"[^\s\W]+|[^\w\s]", text))
-    tokenizer = build_tokenizer(words)
-    torch.manual_seed(args.seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-                      max_position_embeddings=512, initializer_range=args.init_std, tie_word_embeddings=False,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(cfg)
+            texts += [row["caption"]] + [t for qa in row["questions"] for t in (qa["question"], qa["answer"])]
+    # prompts end with a newline (no chat template): the model is trained from scratch on this format alone
+    tokenizer = word_tokenizer(texts, chat=False, by_frequency=False)
+    model = standin_llm("llama", len(tokenizer), args.seed, hidden_size=args.hidden,
+                        intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
+                        num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                        initializer_range=args.init_std, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     n = sum(p.numel() for p in model.parameters())

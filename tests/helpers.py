@@ -16,19 +16,15 @@ import sys
 
 import torch
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import PreTrainedTokenizerFast
 
 from vqrae import VQRAE, DecoderConfig, EncoderConfig, QuantizerConfig, VQRAEConfig
+from demo.llm import CHAT_TEMPLATE, standin_llm, word_tokenizer
 from demo.shapes import caption, questions, sample_attrs, write_imagefolder
 
 CODEBOOK_SIZE = 64  # K of the tiny VQRAE
 NUM_TOKENS = 16  # codes per image: 32 px with 8 px patches
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHATML = CHAT_TEMPLATE  # the stand-in's chat template (demo.llm)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -45,26 +41,15 @@ def shapes_sentences(n: int = 400, seed: int = 0) -> list[str]:
 
 def make_tokenizer(sentences: list[str] | None = None, chat_template: bool = True) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over ``sentences`` (default: the shapes texts) with ChatML special tokens."""
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(sentences or shapes_sentences(), trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>")
-    if chat_template:
-        fast.chat_template = CHATML
-    return fast
+    tok = word_tokenizer(sentences or shapes_sentences())
+    if not chat_template:
+        tok.chat_template = None
+    return tok
 
 
 def make_llm(family: str, vocab_size: int, seed: int = 0):
-    """Tiny random causal LMs: LLaMA with an untied LM head, Qwen3 with a tied one."""
-    torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
-    if family == "qwen3":
-        return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16, tie_word_embeddings=True))
-    raise ValueError(f"family must be 'llama' or 'qwen3', got '{family}'")
+    """Tiny random causal LMs (``demo.llm.TINY``): LLaMA with an untied LM head, Qwen3 with a tied one."""
+    return standin_llm(family, vocab_size, seed)
 
 
 def write_llm(path: str, family: str = "qwen3", tokenizer: PreTrainedTokenizerFast | None = None) -> str:

@@ -193,7 +193,8 @@ def test_bad_input_is_a_message_and_the_app_goes_on(client, app):
 
 # ----------------------------------------------------------------------------- a real browser
 
-needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium on PATH")
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None or importlib.util.find_spec("playwright") is None,
+                                    reason="no chromium on PATH or no playwright")
 
 
 @pytest.fixture(scope="module")
@@ -207,17 +208,16 @@ def screenshot_tool():
 @needs_chromium
 def test_page_renders_and_a_submitted_prompt_shows_images(app, screenshot_tool, tmp_path):
     tool = screenshot_tool
-    with tool.Browser(width=1280, height=900) as browser:
-        browser.open(app["url"])
-        tool.wait_until_rendered(browser, 120)
-        assert browser.evaluate("document.title") == "VQRAE"
-        assert browser.evaluate("document.querySelector('#draw-button') !== null")
-        assert tool.count_gallery_images(browser) == 0
-        tool.submit_prompt(browser, "a small blue star at the top left")
-        browser.wait_for("[...document.querySelectorAll('#gallery img')].some(i => i.complete && i.naturalWidth > 0)",
-                         180, "a decoded image in the gallery")
+    with tool.open_page(width=1280, height=900) as page:
+        tool.load(page, app["url"], 120)
+        assert page.evaluate("document.title") == "VQRAE"
+        assert page.evaluate("document.querySelector('#draw-button') !== null")
+        assert tool.count_gallery_images(page) == 0
+        tool.submit_prompt(page, "a small blue star at the top left")
+        decoded = "[...document.querySelectorAll('#gallery img')].some(i => i.complete && i.naturalWidth > 0)"
+        tool.wait_for(page, decoded, 180, "a decoded image in the gallery")
         shot = tmp_path / "page.png"
-        browser.screenshot(str(shot))
+        page.screenshot(path=str(shot), full_page=True)
     with Image.open(shot) as img:
         assert img.format == "PNG" and img.width == 1280
         assert np.array(img.convert("L")).std() > 5  # something was drawn, not a blank page
