@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from vqrae import VQRAE, DecoderConfig, EncoderConfig, QuantizerConfig, VQRAEConfig  # noqa: E402
-from vqrae.runtime import COMPUTE_DTYPES, autocast  # noqa: E402
+from vqrae.runtime.precision import COMPUTE_DTYPES, autocast  # noqa: E402
 
 PRESETS = {  # (timm name, image size, model kwargs, K, e, batch)
     "tiny": ("vit_so400m_patch16_siglip_256", 64, dict(patch_size=8, embed_dim=128, depth=4, num_heads=4), 4096, 256, 16),

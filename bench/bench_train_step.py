@@ -40,7 +40,7 @@ from vqrae import DecoderConfig, EncoderConfig, QuantizerConfig, VQRAE, VQRAECon
 from vqrae.losses import LossConfig, PerceptualLoss  # noqa: E402
 from vqrae.train import build_discriminator, set_stage  # noqa: E402
 from vqrae.losses import discriminator_loss, generator_loss, match_size  # noqa: E402
-from vqrae.runtime import param_groups  # noqa: E402
+from vqrae.runtime.optim import param_groups  # noqa: E402
 
 
 @dataclass

@@ -57,7 +57,9 @@ def build(mode: str, root: str, engine: bool) -> None:
 
     from mllm.train import MLLMTrainConfig, build_model, trainable_groups, unregister_vqrae
     from vqrae.config import load_config
-    from vqrae.runtime import deepspeed_config, init_distributed, make_optimizer
+    from vqrae.runtime.config import deepspeed_config
+    from vqrae.runtime.distributed import init_distributed
+    from vqrae.runtime.optim import make_optimizer
 
     paths = write_assets(root)  # written by the parent already
     cfg = load_config(MLLMTrainConfig, None, [f"model.llm={paths['llm']}", f"model.vqrae={paths['vqrae']}",

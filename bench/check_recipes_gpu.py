@@ -281,7 +281,7 @@ def tokenizer_flops_per_image(config: str, overrides: list[str], device: torch.d
     from vqrae import VQRAE
     from vqrae.config import load_config
     from vqrae.losses import PerceptualLoss
-    from vqrae.runtime import NonFiniteGuard
+    from vqrae.runtime.guard import NonFiniteGuard
     from vqrae.train import TokenizerTrainConfig, build_discriminator, make_teacher, set_stage, train_step
 
     cfg = load_config(TokenizerTrainConfig, config, overrides)

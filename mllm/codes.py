@@ -19,14 +19,15 @@ import torch
 
 from vqrae import VQRAE
 from vqrae.data import DataConfig, load_image, open_source, transform
-from vqrae.runtime import COMPUTE_DTYPES, TrainingError, autocast
+from vqrae.runtime.config import TrainingError
+from vqrae.runtime.precision import COMPUTE_DTYPES, autocast
 
 CODES_MANIFEST = "codes.json"
 
 
 def place_vqrae(vqrae: VQRAE, device: torch.device) -> None:
     """Move the parts that encode (encoder, quantizer) to ``device``, in fp32; the decoder is never used in
-    training and stays where it is. A bf16 run encodes under autocast (``vqrae.runtime.autocast``), as the
+    training and stays where it is. A bf16 run encodes under autocast (``vqrae.runtime.precision.autocast``), as the
     tokenizer trained: its frozen buffers and the quantizer's nearest-code search stay fp32."""
     vqrae.encoder.to(device=device, dtype=torch.float32)
     vqrae.quantizer.to(device=device, dtype=torch.float32)

@@ -32,8 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from vqrae.data import DataConfig, ResumableSampler, SampleKey, load_image, open_source, transform
-from vqrae.elastic import ignore_stop_signals
-from vqrae.runtime import TrainingError, autocast
+from vqrae.runtime.config import TrainingError
+from vqrae.runtime.elastic import ignore_stop_signals
+from vqrae.runtime.precision import autocast
 
 from .codes import open_codes
 from .model import UnifiedModel

@@ -23,17 +23,20 @@ import torch
 from vqrae import VQRAE
 from vqrae.config import ConfigError, save_yaml
 from vqrae.model import CONFIG_NAME as VQRAE_CONFIG, WEIGHTS_NAME as VQRAE_WEIGHTS
-from vqrae.elastic import StopSignals
-from vqrae.runtime import (
-    COMPUTE_DTYPES, EmptyBatches, NonFiniteGuard, OptimConfig, RunConfig, RunLogger, TrainingError, barrier,
-    check_run_config, deepspeed_config, due, finish, first_line, gather, grad_norm_before_step, guarded_optimizer,
-    load_engine, make_optimizer, make_scheduler, param_groups, restore, resumed_line, save_checkpoint, session,
-)
+from vqrae.runtime.checkpoint import save_checkpoint
+from vqrae.runtime.config import OptimConfig, RunConfig, TrainingError, check_run_config, deepspeed_config
+from vqrae.runtime.distributed import barrier, gather
+from vqrae.runtime.elastic import StopSignals
+from vqrae.runtime.guard import NonFiniteGuard
+from vqrae.runtime.log import MetricsWindow, RunLogger, WindowReading, first_line
+from vqrae.runtime.optim import grad_norm_before_step, guarded_optimizer, make_optimizer, make_scheduler, param_groups
+from vqrae.runtime.precision import COMPUTE_DTYPES
+from vqrae.runtime.session import EmptyBatches, SaveSchedule, due, finish, load_engine, restore, resumed_line, session
 
 from .codes import CODES_MANIFEST, place_vqrae
 from .data import Batch, MLLMDataConfig, make_loaders, prepare_batch
 from .model import CONFIG_NAME, MLLMConfig, UnifiedModel, UnifiedOutput, read_config
-from .tasks import TaskMetrics, TaskSchedule
+from .tasks import GENERATION, TASKS, TaskSchedule
 
 
 @dataclass
@@ -99,7 +102,7 @@ def build_model(cfg: MLLMTrainConfig, ds_cfg: Optional[dict] = None) -> tuple[Un
     A new model comes from ``cfg.model``. With ``cfg.init_from``, the LLM, extended tokenizer, VQRAE and
     projector come from that export (a LoRA export is merged first) and ``cfg.model`` decides how they train
     (freezing, LoRA, gradient checkpointing). The LLM trains in fp32 master weights whatever ``run.precision``
-    (bf16 is autocast, ``vqrae.runtime``), and ``model.cfg.dtype`` is "float32": the export records the run's
+    (bf16 is autocast, ``vqrae.runtime.precision``), and ``model.cfg.dtype`` is "float32": the export records the run's
     compute dtype instead (``export_model(dtype=export_dtype(run.precision))``).
 
     Under ZeRO-3 (``ds_cfg``, the DeepSpeed config the engine gets) the LLM is built partitioned: each rank
@@ -256,6 +259,33 @@ def trainable_groups(model: UnifiedModel, cfg: MLLMTrainConfig) -> list:
     return groups
 
 
+def task_losses(task: str, out: UnifiedOutput) -> dict[str, torch.Tensor]:
+    """What the log averages of one micro-batch of ``task``: its loss, and for generation the image-token loss."""
+    return {"loss": out.loss, "image_loss": out.image_loss} if task == GENERATION else {"loss": out.loss}
+
+
+def dropped_rows(data_stats: Counter) -> dict[str, float]:
+    """This rank's running totals of dropped rows, as logged: every status but ``ok`` and the conversions
+    (``data/skipped``), and the rows too long to train on (``data/too_long``)."""
+    return {"data/skipped": sum(v for k, v in data_stats.items() if k != "ok" and not k.startswith("converted")),
+            "data/too_long": data_stats.get("too_long", 0)}
+
+
+def logged_values(reading: WindowReading) -> dict[str, float]:
+    """What the log shows of one interval (``MetricsWindow.read`` over ranks, with ``dropped_rows`` as its totals
+    and the grad norm as its one extra): each task's mean losses and tokens/s (a task without a finite loss in the
+    interval is left out), all tokens/s, the dropped rows and the grad norm."""
+    values: dict[str, float] = {}
+    for task in TASKS:
+        if reading.steps.get(task):
+            values.update({f"{task}/{k}": v for k, v in reading.means[task].items()})
+            values[f"{task}/tokens_per_s"] = reading.items[task] / reading.seconds
+    values["tokens_per_s"] = sum(reading.items.values()) / reading.seconds
+    values.update(reading.totals)
+    values["grad_norm"] = reading.extra[0][0]
+    return values
+
+
 def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
     """Train the unified model ``cfg`` describes (``resume``: None, "auto" or a checkpoint folder) under the
     process group the ``deepspeed`` launcher describes, or alone. Returns the export folder on rank 0."""
@@ -295,7 +325,7 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
         place_vqrae(vqrae, device)
         schedule = TaskSchedule(data.task_ratio, data.seed)
         guard = NonFiniteGuard(run.max_nonfinite, device)
-        metrics = TaskMetrics(device)
+        window = MetricsWindow(device, across_ranks=True)
         data_stats: Counter = Counter()
         step = micro = 0
         if s.resume_dir:  # every file through torch.load(weights_only=True): a checkpoint never runs code
@@ -336,7 +366,7 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
         # -- loop: one micro-batch of one task per iteration ---------------------------------------------------
         engine.train()
         empty = EmptyBatches(1000)
-        save_wanted = False  # a checkpoint falls due but waits while the latest steps were skipped
+        saves = SaveSchedule(run.save_every, run.steps)
         while step < run.steps:
             task = schedule.task(micro)
             batch = loaders[task].next()
@@ -346,7 +376,7 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
                 continue
             result = train_step(engine, model, task, batch, device, run.precision, guard, step)
             micro += 1
-            metrics.add(task, result.out, result.tokens, result.ok)
+            window.add(task_losses(task, result.out), result.ok, items=result.tokens, group=task)
             if not result.boundary:
                 continue
             grad_norm = result.grad_norm if result.grad_norm is not None else engine.get_global_grad_norm()
@@ -354,18 +384,19 @@ def train(cfg: MLLMTrainConfig, resume: Optional[str] = None) -> Optional[str]:
             step += 1
             logger.advance()
             if due(step, run.log_every, run.steps):
-                # the interval's one read back to the host, the guard's flags with it
-                values = metrics.summary(data_stats, grad_norm, guard, last_ckpt, logger.info)
+                # the interval's one read back to the host (summed over ranks: every rank reads); the guard's flags
+                # travel with it and are settled here (too many non-finite steps in a row stop the run)
+                reading = window.read(grad_norm, guard.pending_flags(), totals=dropped_rows(data_stats))
+                guard.settle(reading.extra[1], last_ckpt, logger.info)
+                values = logged_values(reading)
                 values.update({f"lr/{g['name']}": g["lr"] for g in engine.optimizer.param_groups
                                if not g.get("name", "").endswith("no_decay")})
                 values["nonfinite_steps"] = guard.total
                 logger.scalars(step, values)
-            save_wanted = save_wanted or due(step, run.save_every, run.steps)
-            if save_wanted and (guard.clear_to_save(step, last_ckpt, logger.info) or step == run.steps):
-                last_ckpt, save_wanted = save_checkpoint(s, step, last_ckpt, write), False
+            if saves.ready(step, guard, last_ckpt, logger.info):  # due, and the latest steps were not skipped
+                last_ckpt = save_checkpoint(s, step, last_ckpt, write)
             stop.exit_if_agreed(s, step, run.steps, last_ckpt, guard, write, logger)  # pre-empted: checkpoint, out
 
-        guard.read(last_ckpt, logger.info)
         dropped = {k: v for k, v in data_stats.items() if k != "ok" and v}
-        return finish(s, run, step, last_ckpt, logger, f"data on rank 0: {dropped or 'no dropped or converted rows'}; "
-                                                         f"non-finite steps skipped: {guard.total}")
+        return finish(s, run, step, last_ckpt, logger, guard,
+                      f"data on rank 0: {dropped or 'no dropped or converted rows'}")

@@ -27,7 +27,7 @@ import mllm  # noqa: E402
 import mllm.data  # noqa: E402
 import mllm.train  # noqa: E402
 import vqrae.data  # noqa: E402
-import vqrae.elastic  # noqa: E402
+import vqrae.runtime.elastic  # noqa: E402
 import vqrae.train  # noqa: E402
 from vqrae.config import load_config  # noqa: E402
 
@@ -102,12 +102,12 @@ def main(plan_path: str) -> None:
     vqrae.train.build_dataloader = recording_build_dataloader
     mllm.data._Keyed.__getitem__ = recording_getitem
     mllm.train.make_loaders = recording_make_loaders
-    real_agreed = vqrae.elastic.StopSignals.agreed
+    real_agreed = vqrae.runtime.elastic.StopSignals.agreed
     real_build = mllm.train.build_model
     deepspeed.initialize = recording_initialize
     for run in plan:
         RECORD.clear()
-        vqrae.elastic.StopSignals.agreed = stop_after(run["stop_after"]) if run.get("stop_after") else real_agreed
+        vqrae.runtime.elastic.StopSignals.agreed = stop_after(run["stop_after"]) if run.get("stop_after") else real_agreed
         # whole_llm: the LLM built whole on every rank (no DeepSpeed config at construction), the engine partitions it
         mllm.train.build_model = (lambda cfg, ds_cfg=None: real_build(cfg)) if run.get("whole_llm") else real_build
         module = vqrae.train if run["kind"] == "tokenizer" else mllm.train
@@ -115,7 +115,7 @@ def main(plan_path: str) -> None:
         outcome = "done"
         try:
             module.train(load_config(schema, run["config"], run["overrides"]), run.get("resume"))
-        except vqrae.elastic.Preempted as e:
+        except vqrae.runtime.elastic.Preempted as e:
             outcome = f"preempted at {e.step}"
         except Exception as e:  # the test reads it; the next run goes on
             outcome = f"error: {type(e).__name__}: {e}"

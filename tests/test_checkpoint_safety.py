@@ -26,7 +26,9 @@ import torch
 
 from tests.conftest import DIST_ENV
 from tests.helpers import error_line, log_lines, rank_env, run_script, write_tiny_assets
-from vqrae.runtime import LOCK, LOCK_STALE_S, MANIFEST, Checkpointer, TrainingError, damage
+from vqrae.runtime.checkpoint import MANIFEST, Checkpointer, damage
+from vqrae.runtime.config import TrainingError
+from vqrae.runtime.lock import LOCK, LOCK_STALE_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "configs", "tokenizer", "tiny_stage1.yaml")
@@ -293,7 +295,7 @@ def test_a_stale_lock_is_taken_over(run_copy, assets, caplog, capfd, owner):
 
 
 def test_the_lock_holder_keeps_its_lock_fresh(tmp_path, monkeypatch):
-    from vqrae import runtime
+    from vqrae.runtime import lock as runtime
 
     monkeypatch.setattr(runtime, "LOCK_HEARTBEAT_S", 0.05)
     runtime.take_run_lock(str(tmp_path), rank=0)

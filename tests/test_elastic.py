@@ -1,4 +1,4 @@
-"""A run survives the cluster: pre-emption signals, resuming on another number of ranks (``vqrae.elastic``).
+"""A run survives the cluster: pre-emption signals, resuming on another number of ranks (``vqrae.runtime.elastic``).
 
 The rank-count tests launch ``tests/elastic_worker.py`` three times (2 ranks, then 1, then 2 again) over every
 ZeRO stage of the tokenizer's two stages and the unified model, each stopped through the pre-emption path; the
@@ -22,9 +22,10 @@ from safetensors.torch import load_file
 
 from tests.conftest import DIST_ENV
 from tests.helpers import free_port, run_script, write_images, write_tiny_assets, write_vqrae
-from vqrae import cli, elastic
-from vqrae.elastic import PREEMPTED_EXIT, Preempted, StopSignals, rank_seed, world_sizes
-from vqrae.runtime import RunConfig, OptimConfig, TrainingError, check_run_config
+from vqrae import cli
+from vqrae.runtime import elastic
+from vqrae.runtime.config import OptimConfig, RunConfig, TrainingError, check_run_config, world_sizes
+from vqrae.runtime.elastic import PREEMPTED_EXIT, Preempted, StopSignals, rank_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = {1: "configs/tokenizer/tiny_stage1.yaml", 2: "configs/tokenizer/tiny_stage2.yaml"}

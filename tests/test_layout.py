@@ -12,7 +12,8 @@ import torch
 
 from tests.helpers import ROOT, tiny_vqrae_config, write_images
 from vqrae import VQRAE
-from vqrae.runtime import OptimConfig, RunConfig, cpu_threads, deepspeed_config
+from vqrae.runtime.config import OptimConfig, RunConfig, deepspeed_config
+from vqrae.runtime.distributed import cpu_threads
 
 
 @pytest.mark.parametrize("script", ["train_tokenizer.py", "train_mllm.py"])
@@ -44,7 +45,7 @@ def test_cpu_threads_share_the_usable_cores(cores, ranks, want):
 def test_a_users_thread_count_wins(single_rank):
     code = (
         "import torch\n"
-        "from vqrae.runtime import init_distributed\n"
+        "from vqrae.runtime.distributed import init_distributed\n"
         "init_distributed()\n"
         "print(torch.get_num_threads())\n"
     )
@@ -133,7 +134,7 @@ def test_tokenizer_loop_reads_back_once_per_log_interval_and_logs_the_same_value
     vt.train(_tiny_run(tmp_path, "a"))
     monkeypatch.undo()
     assert len(steps) == 9
-    summary = counter.calls.pop("vqrae/train.py:LogWindow.summary", 0)
+    summary = counter.calls.pop("vqrae/runtime/log.py:MetricsWindow.read", 0)
     assert summary == 3  # one packed transfer per log interval, nothing per micro-step
     assert counter.calls == {}, f"host reads in the loop: {sorted(set(counter.lines))}"
 

@@ -14,10 +14,10 @@ from mllm import MLLMConfig, UnifiedModel, UnifiedOutput
 from mllm.data import MLLMDataConfig, TaskLoader, collate, make_loaders, prepare_batch, task_rows
 from mllm.model import read_config
 from mllm.prompts import generation_prompt_ids
-from mllm.tasks import GENERATION, UNDERSTANDING, TaskMetrics, TaskSchedule
+from mllm.tasks import GENERATION, UNDERSTANDING, TaskSchedule
 from mllm.train import (
-    MLLMTrainConfig, build_model, check_config, export_dtype, export_model, freeze_unused, trainable_groups,
-    unregister_vqrae,
+    MLLMTrainConfig, build_model, check_config, dropped_rows, export_dtype, export_model, freeze_unused,
+    logged_values, task_losses, trainable_groups, unregister_vqrae,
 )
 from mllm.vocab import IGNORE_INDEX
 from mllm.codes import open_codes, place_vqrae, write_codes
@@ -25,7 +25,10 @@ from tests.helpers import NUM_TOKENS, write_tiny_assets
 from vqrae import VQRAE
 from vqrae.config import ConfigError, load_config
 from vqrae.data import SampleKey
-from vqrae.runtime import RunConfig, TrainingError, autocast
+from vqrae.runtime.config import RunConfig, TrainingError
+from vqrae.runtime.guard import NonFiniteGuard
+from vqrae.runtime.log import MetricsWindow
+from vqrae.runtime.precision import autocast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -252,36 +255,37 @@ def test_task_loader_resumes_after_the_last_consumed_batch(assets, num_workers):
     assert not torch.equal(seen[0], seen[2]) or seen[0].shape != seen[2].shape  # a new epoch reshuffles
 
 
-def test_task_metrics_average_per_task_and_count_dropped_rows():
-    metrics = TaskMetrics(CPU)
+def test_logged_values_average_per_task_and_count_dropped_rows():
+    window = MetricsWindow(CPU, across_ranks=True)
 
     def out(loss, image_loss):
         return UnifiedOutput(logits=torch.zeros(1), loss=torch.tensor(loss), image_loss=torch.tensor(image_loss),
                              text_loss=torch.tensor(0.0))
 
-    metrics.add(GENERATION, out(2.0, 1.5), tokens=10)
-    metrics.add(GENERATION, out(4.0, 2.5), tokens=30)
-    metrics.add(UNDERSTANDING, out(1.0, 0.0), tokens=60)
-    values = metrics.summary(Counter(ok=5, corrupt=2, too_long=1, converted_L=3))
+    window.add(task_losses(GENERATION, out(2.0, 1.5)), items=10, group=GENERATION)
+    window.add(task_losses(GENERATION, out(4.0, 2.5)), items=30, group=GENERATION)
+    window.add(task_losses(UNDERSTANDING, out(1.0, 0.0)), items=60, group=UNDERSTANDING)
+    values = logged_values(window.read(None, totals=dropped_rows(Counter(ok=5, corrupt=2, too_long=1, converted_L=3))))
     assert values["generation/loss"] == 3.0 and values["generation/image_loss"] == 2.0
     assert values["understanding/loss"] == 1.0 and "understanding/image_loss" not in values
     total = values["tokens_per_s"]
     assert math.isclose(values["generation/tokens_per_s"] / total, 0.4)
     assert values["data/skipped"] == 3 and values["data/too_long"] == 1
-    assert "generation/loss" not in metrics.summary(Counter())  # the window was reset
+    assert "generation/loss" not in logged_values(window.read(None, totals=dropped_rows(Counter())))  # reset
 
 
-def test_task_metrics_leave_out_non_finite_losses_and_settle_the_guard_in_the_same_read():
-    from vqrae.runtime import NonFiniteGuard
-
-    metrics, guard, lines = TaskMetrics(CPU), NonFiniteGuard(5), []
+def test_logged_values_leave_out_non_finite_losses_and_the_guard_flags_come_in_the_same_read():
+    window, guard, lines = MetricsWindow(CPU, across_ranks=True), NonFiniteGuard(5), []
     for step, loss in enumerate([2.0, float("nan"), 4.0], start=1):
         out = UnifiedOutput(logits=torch.zeros(1), loss=torch.tensor(loss), image_loss=torch.tensor(loss / 2),
                             text_loss=torch.tensor(0.0))
         ok = 1.0 - guard.observe(out.loss)
         guard.record(step, guard.arm())
-        metrics.add(GENERATION, out, tokens=10, ok=ok)
-    values = metrics.summary(Counter(), None, guard, "ck", lines.append)
+        window.add(task_losses(GENERATION, out), ok, items=10, group=GENERATION)
+    reading = window.read(None, guard.pending_flags(), totals=dropped_rows(Counter()))
+    assert lines == [] and guard.total == 0  # reading settles nothing: the loop does, visibly
+    guard.settle(reading.extra[1], "ck", lines.append)
+    values = logged_values(reading)
     assert values["generation/loss"] == 3.0 and values["generation/image_loss"] == 1.5
     assert lines == ["step 2: non-finite loss skipped (1 so far)"] and guard.total == 1 and not guard.pending
 

@@ -35,7 +35,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import DIST_ENV
 from tests.helpers import error_line, free_port, log_lines, run_script, write_images, write_tiny_assets, write_vqrae
-from vqrae.runtime import Checkpointer, TrainingError
+from vqrae.runtime.checkpoint import Checkpointer
+from vqrae.runtime.config import TrainingError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tokenizer", "tiny_stage1.yaml")
@@ -108,7 +109,7 @@ def loss_spy(monkeypatch):
 
 
 def test_nonfinite_steps_are_skipped_counted_and_logged(single_rank, images, tmp_path, loss_spy, caplog, capfd):
-    from vqrae.runtime import guarded_optimizer
+    from vqrae.runtime.optim import guarded_optimizer
 
     caplog.set_level(logging.INFO, logger="vqrae")
     out = str(tmp_path / "run")
@@ -549,7 +550,7 @@ def test_cpu_training_builds_no_shared_memory_op(tmp_path):
     machine that op took ~30 s of every first run) and leaves DeepSpeed's op table as it found it."""
     code = (
         "import deepspeed, deepspeed.comm.comm as comm\n"
-        "from vqrae.runtime import SHM_OP, init_distributed\n"
+        "from vqrae.runtime.distributed import SHM_OP, init_distributed\n"
         "before = dict(deepspeed.ops.__compatible_ops__)\n"
         "rank, world, _ = init_distributed()\n"
         "print(rank, world, comm.cdb.shm_comm_op is None, dict(deepspeed.ops.__compatible_ops__) == before)\n"
@@ -568,7 +569,7 @@ def test_cpu_rank_uses_only_the_cores_it_may_run_on():
     experiments pinned side by side would otherwise each oversubscribe their core."""
     code = (
         "import os, torch\n"
-        "from vqrae.runtime import init_distributed\n"
+        "from vqrae.runtime.distributed import init_distributed\n"
         "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
         "init_distributed()\n"
         "print(torch.get_num_threads())\n"

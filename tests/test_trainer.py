@@ -8,8 +8,10 @@ from vqrae import VQRAE
 from vqrae.losses import LossConfig
 from vqrae.train import TokenizerTrainConfig, build_discriminator, feature_stats, make_teacher, merge_stats, set_stage, tokenizer_param_groups
 from vqrae.losses import discriminator_loss, generator_loss
-from vqrae.runtime import (EMA, Checkpointer, GuardedAdamW, NonFiniteGuard, OptimConfig, RunConfig, TrainingError, deepspeed_config,
-                           make_optimizer, param_groups, rng_state, set_rng_state)
+from vqrae.runtime.checkpoint import Checkpointer, rng_state, set_rng_state
+from vqrae.runtime.config import OptimConfig, RunConfig, TrainingError, deepspeed_config
+from vqrae.runtime.guard import NonFiniteGuard
+from vqrae.runtime.optim import EMA, GuardedAdamW, make_optimizer, param_groups
 
 NO_LPIPS = LossConfig(perceptual_weight=0.0, gan_weight=0.0)
 

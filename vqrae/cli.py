@@ -11,8 +11,8 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from .config import ConfigError, load_config
-from .elastic import PREEMPTED_EXIT, Preempted
-from .runtime import TrainingError
+from .runtime.config import TrainingError
+from .runtime.elastic import PREEMPTED_EXIT, Preempted
 
 
 class UsageError(ValueError):

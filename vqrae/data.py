@@ -390,7 +390,7 @@ def build_dataloader(
     A map-style loader runs one epoch per iteration; a streaming one never ends.
     """
     rows = open_source(cfg, cache_dir)
-    from .elastic import ignore_stop_signals  # the rank answers a pre-emption signal, not its loader's workers
+    from .runtime.elastic import ignore_stop_signals  # the rank answers a pre-emption signal, not its loader's workers
 
     common = dict(num_workers=cfg.num_workers, collate_fn=collate_images, pin_memory=pin_memory,
                   worker_init_fn=ignore_stop_signals)

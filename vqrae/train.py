@@ -19,7 +19,6 @@ import functools
 import itertools
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,13 +35,16 @@ from .losses import (
 )
 from .metrics import CodebookUsage, usage_stats
 from .model import VQRAE, VQRAEConfig, VQRAEOutput
-from .elastic import StopSignals
 from .quantizer import FeatureStats, check_finite_features
-from .runtime import (
-    EMA, EmptyBatches, NonFiniteGuard, OptimConfig, RunConfig, RunLogger, TrainingError, all_reduce_sum, autocast,
-    check_run_config, deepspeed_config, due, finish, first_line, gather, grad_norm_before_step, guarded_optimizer,
-    load_engine, make_optimizer, make_scheduler, param_groups, restore, resumed_line, save_checkpoint, session,
-)
+from .runtime.checkpoint import save_checkpoint
+from .runtime.config import OptimConfig, RunConfig, TrainingError, check_run_config, deepspeed_config
+from .runtime.distributed import all_reduce_sum, gather
+from .runtime.elastic import StopSignals
+from .runtime.guard import NonFiniteGuard
+from .runtime.log import MetricsWindow, RunLogger, first_line
+from .runtime.optim import EMA, grad_norm_before_step, guarded_optimizer, make_optimizer, make_scheduler, param_groups
+from .runtime.precision import autocast
+from .runtime.session import EmptyBatches, SaveSchedule, due, finish, load_engine, restore, resumed_line, session
 
 
 @dataclass
@@ -258,47 +260,13 @@ def train_step(engine, disc_engine, images: torch.Tensor, loss_cfg: LossConfig, 
     return MicroStep(out, gl, d_loss.detach() if d_loss is not None else None, ok, skipped, grad_norm)
 
 
-class LogWindow:
-    """Sums of the logged values over one log interval, kept on the device; ``summary`` reads them back once."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.finite = torch.zeros((), device=self.device)  # micro-steps with a finite loss
-        self.images, self.start = 0, time.time()
-
-    def add(self, gl: GeneratorLoss, disc_loss: Optional[torch.Tensor], ok: torch.Tensor, images: int) -> None:
-        """One micro-step's values; those of a micro-step with a non-finite loss (``ok`` 0) are left out."""
-        values = {**gl.terms, "loss": gl.total.detach(), "gan_weight": gl.gan_weight}
-        if disc_loss is not None:
-            values["disc"] = disc_loss
-        for k, v in values.items():
-            v = torch.where(ok > 0, v.float(), 0.0)
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.finite = self.finite + ok
-        self.images += images
-
-    def summary(self, usage: CodebookUsage, grad_norm, guard: NonFiniteGuard, last_ckpt: Optional[str],
-                info) -> dict[str, float]:
-        """Means over the interval's micro-steps with a finite loss, code use over the usage window, the last
-        step's grad norm and images/s; the guard's pending flags travel in the same transfer to the host and are
-        settled (``guard.settle``, which may stop the run). Then ``reset``."""
-        names = list(self.sums)
-        norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float64)
-        flags = guard.pending_flags()
-        packed = torch.cat([torch.stack([self.sums[k] for k in names] + [self.finite]).double(),
-                            norm.to(self.device).view(1), flags.double(), usage.histogram().double()]).tolist()
-        guard.settle(packed[len(names) + 2 : len(names) + 2 + len(flags)], last_ckpt, info)
-        n = max(1.0, packed[len(names)])
-        values = {("gan_weight" if k == "gan_weight" else f"loss/{k}"): packed[i] / n for i, k in enumerate(names)}
-        used, perplexity = usage_stats(packed[len(names) + 2 + len(flags):])
-        values.update({"grad_norm": packed[len(names) + 1], "img_per_s": self.images / max(time.time() - self.start, 1e-9),
-                       "codebook/usage_pct": 100 * used, "codebook/perplexity": perplexity})
-        self.reset()
-        return values
+def logged_terms(micro: MicroStep) -> dict[str, torch.Tensor]:
+    """What the log averages of one micro-step: the loss terms, their weighted total, the adaptive GAN weight and
+    (once the GAN is on) the discriminator's loss."""
+    values = {**micro.loss.terms, "loss": micro.loss.total, "gan_weight": micro.loss.gan_weight}
+    if micro.disc_loss is not None:
+        values["disc"] = micro.disc_loss
+    return values
 
 
 # -- the loop ---------------------------------------------------------------------------------------------------
@@ -408,8 +376,8 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
         # -- loop: logged values stay on the device until the log step -------------------------------------------
         engine.train()
         data_iter = iter(loader)
-        window = LogWindow(device)
-        save_wanted = False  # a checkpoint falls due but waits while the latest steps were skipped
+        window = MetricsWindow(device)
+        saves = SaveSchedule(run.save_every, run.steps)
         # a source with no readable image would otherwise skip empty micro-batches forever; streams have no epoch
         empty = EmptyBatches(len(sampler) if hasattr(sampler, "__len__") else 1000)
         while step < run.steps:
@@ -429,7 +397,7 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
                                last_layer)
             # a collective on the device, no host read; a micro-step with a non-finite loss is left out
             usage.add(all_reduce_sum(usage.counts(micro.out.indices) * micro.ok.long()))
-            window.add(micro.loss, micro.disc_loss, micro.ok, images.shape[0] * s.world)
+            window.add(logged_terms(micro), micro.ok, items=images.shape[0] * s.world)
             if not micro.boundary:
                 continue
             grad_norm = micro.grad_norm if micro.grad_norm is not None else engine.get_global_grad_norm()
@@ -439,8 +407,15 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
                 ema.update(engine.module, micro.skipped)
             logger.advance()
             if due(step, run.log_every, run.steps):
-                # the interval's one read back to the host, the guard's flags with it
-                values = window.summary(usage, grad_norm, guard, last_ckpt, logger.info)
+                # the interval's one read back to the host; the guard's flags travel with it and are settled here
+                # (too many non-finite steps in a row stop the run)
+                reading = window.read(grad_norm, guard.pending_flags(), usage.histogram())
+                norm, flags, histogram = reading.extra
+                guard.settle(flags, last_ckpt, logger.info)
+                used, perplexity = usage_stats(histogram)
+                values = {k if k == "gan_weight" else f"loss/{k}": v for k, v in reading.means.get("", {}).items()}
+                values.update({"grad_norm": norm[0], "img_per_s": reading.items.get("", 0) / reading.seconds,
+                               "codebook/usage_pct": 100 * used, "codebook/perplexity": perplexity})
                 values.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(engine.optimizer.param_groups)
                                if "no_decay" not in str(g.get("name", ""))})
                 values.update({"data/skipped": sum(v for k, v in data_stats.items()
@@ -456,12 +431,9 @@ def train(cfg: TokenizerTrainConfig, resume: Optional[str] = None) -> Optional[s
                 os.makedirs(os.path.join(run.output_dir, "samples"), exist_ok=True)
                 save_image(grid, os.path.join(run.output_dir, "samples", f"step_{step:08d}.png"))
                 logger.image(step, "reconstructions", grid)
-            save_wanted = save_wanted or due(step, run.save_every, run.steps)
-            if save_wanted and (guard.clear_to_save(step, last_ckpt, logger.info) or step == run.steps):
-                last_ckpt, save_wanted = save_checkpoint(s, step, last_ckpt, write), False
+            if saves.ready(step, guard, last_ckpt, logger.info):  # due, and the latest steps were not skipped
+                last_ckpt = save_checkpoint(s, step, last_ckpt, write)
             stop.exit_if_agreed(s, step, run.steps, last_ckpt, guard, write, logger)  # pre-empted: checkpoint, out
 
-        guard.read(last_ckpt, logger.info)
         bad = {k: v for k, v in data_stats.items() if k != "ok" and v}
-        return finish(s, run, step, last_ckpt, logger, f"data: {bad if bad else 'no unreadable or converted images'}; "
-                                                         f"non-finite steps skipped: {guard.total}")
+        return finish(s, run, step, last_ckpt, logger, guard, f"data: {bad or 'no unreadable or converted images'}")

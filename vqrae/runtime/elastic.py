@@ -4,11 +4,11 @@ Clusters stop jobs (SLURM and Kubernetes send SIGTERM, ``sbatch --signal=USR1@12
 limit) and hand back whatever GPUs are free. ``StopSignals`` turns either signal into a request that every rank
 agrees on at the next optimizer step; the trainers then write a complete checkpoint and raise ``Preempted``,
 which the command line turns into exit code ``PREEMPTED_EXIT``. A second signal changes nothing: the save goes
-on, and a kill during it still leaves the previous complete checkpoint (``runtime.Checkpointer``).
+on, and a kill during it still leaves the previous complete checkpoint (``checkpoint.Checkpointer``).
 
 A checkpoint written by K ranks resumes on M ranks: the data samplers keep rank-independent positions
 (``vqrae.data``), DeepSpeed's ZeRO 1-3 optimizer partitions are re-split through its universal checkpoint
-(``ds_to_universal``, then ``checkpoint.load_universal``), ranks without saved RNG state get one derived from the
+(DeepSpeed's ``ds_to_universal``, then its ``load_universal``), ranks without saved RNG state get one derived from the
 run's seed, the step and the rank. What stays exact and what does not is listed in README.md ("Running on a
 cluster").
 """
@@ -27,10 +27,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .runtime import (
-    TrainingError, _deepspeed_records, _from_rank0, barrier, first_line, host_any, load_engine_checkpoint, safe_load,
-    save_checkpoint,
-)
+from .checkpoint import save_checkpoint
+from .config import TrainingError
+from .distributed import barrier, from_rank0, host_any
+from .log import first_line
+from .safe_load import deepspeed_records, load_engine_checkpoint, safe_load
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by the cluster, a checkpoint written; requeue with --resume auto
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -82,7 +83,7 @@ class StopSignals:
 
     def exit_if_agreed(self, s, step: int, total: int, last: Optional[str], guard, write, logger) -> None:
         """At the end of optimizer step ``step`` of ``total``: once a rank got a signal (and the run is not at its
-        end), settle the non-finite guard, write this step's checkpoint (``runtime.save_checkpoint`` with the
+        end), settle the non-finite guard, write this step's checkpoint (``checkpoint.save_checkpoint`` with the
         trainer's ``write``; a scheduled one just written serves) and raise ``Preempted``. Every rank calls it."""
         if step >= total or not self.agreed():
             return
@@ -114,14 +115,6 @@ def rank_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] % 2**63)
 
 
-def world_sizes(batch_size: int, micro_batch_size: int, limit: int = 1024) -> list[int]:
-    """The rank counts (up to ``limit``) that keep the global batch: those dividing batch / micro-batch."""
-    if batch_size % micro_batch_size:
-        return []
-    per_micro = batch_size // micro_batch_size
-    return [n for n in range(1, min(per_micro, limit) + 1) if per_micro % n == 0]
-
-
 @contextlib.contextmanager
 def _weights_only_torch_load():
     """``torch.load`` as ``weights_only=True`` with DeepSpeed's plain records allowed, inside the block: DeepSpeed's
@@ -129,7 +122,7 @@ def _weights_only_torch_load():
     real = torch.load
 
     def load(f, map_location=None, *args, **kwargs):
-        with torch.serialization.safe_globals(_deepspeed_records()):
+        with torch.serialization.safe_globals(deepspeed_records()):
             return real(f, map_location=map_location, weights_only=True)
 
     torch.load = load
@@ -163,7 +156,7 @@ def universal_checkpoint(checkpoint: str, tag: str, rank: int) -> str:
             error = f"cannot re-split {checkpoint}/{tag} for another number of ranks ({type(e).__name__}: {first_line(e)})"
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    error = _from_rank0(error)
+    error = from_rank0(error)
     if error:
         raise TrainingError(error + "; resume on the number of ranks that wrote it")
     barrier()
@@ -213,7 +206,7 @@ def load_resharded(engine, checkpoint: str, tag: str, strict: bool, rank: int) -
 def _restore_group_settings(optimizer: torch.optim.Optimizer, path: str) -> None:
     """Each parameter group's settings (lr, weight decay, ...) as saved. DeepSpeed's ZeRO-3 universal loader gives
     every group the first group's, which would decay the norms and biases and train every group at one lr."""
-    saved = safe_load(path, "cpu", _deepspeed_records())["optimizer_state_dict"]["param_groups"]
+    saved = safe_load(path, "cpu", deepspeed_records())["optimizer_state_dict"]["param_groups"]
     if len(saved) != len(optimizer.param_groups):
         raise TrainingError(f"{path}: {len(saved)} parameter groups saved, {len(optimizer.param_groups)} in this run")
     for group, values in zip(optimizer.param_groups, saved):
@@ -225,7 +218,7 @@ def _load_buffers(module: torch.nn.Module, folder: str) -> None:
     files = sorted(glob.glob(os.path.join(folder, "*zero_pp_rank_0_*model_states.pt")))
     if not files:
         raise TrainingError(f"{folder}: no ZeRO-3 model-states file of rank 0")
-    saved = safe_load(files[0], "cpu", _deepspeed_records()).get("module") or {}
+    saved = safe_load(files[0], "cpu", deepspeed_records()).get("module") or {}
     with torch.no_grad():
         for name, buf in module.named_buffers():
             if name in saved and torch.is_tensor(saved[name]) and saved[name].shape == buf.shape:
