@@ -52,7 +52,8 @@ def run(argv=None) -> dict:
     for folder in args.include_path:
         if not os.path.isdir(folder):
             raise ValueError(f"--include-path {folder} is not a folder of task YAMLs")
-    manager = TaskManager("WARNING", include_path=[TASKS_DIR, *args.include_path], model_name=MODEL_ID)
+    # lmms-eval keeps the first definition of a name: the user's folders before this project's eval_tasks/
+    manager = TaskManager("WARNING", include_path=[*args.include_path, TASKS_DIR], model_name=MODEL_ID)
     wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
     missing = [t for t in wanted if t not in manager.match_tasks([t])]
     if not wanted or missing:
