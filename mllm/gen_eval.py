@@ -330,7 +330,7 @@ def distribution_metrics(generated: Sequence[np.ndarray], reference: Sequence[np
                 input1=_Images(generated), input2=_Images(reference), cuda=cuda, isc=True, fid=True, kid=True, prc=True,
                 feature_extractor="inception-v3-compat", feature_layer_prc="2048",
                 feature_extractor_weights_path=copy, kid_subset_size=min(1000, n_gen, n_ref),
-                isc_splits=min(10, n_gen), cache=False, verbose=False, batch_size=32,
+                isc_splits=min(10, n_gen), cache=False, verbose=False, batch_size=32, save_cpu_ram=True,  # no workers: the images are in memory
             )
         except RuntimeError as e:
             if "state_dict" in str(e) or "size mismatch" in str(e) or "Missing key" in str(e):
