@@ -169,9 +169,13 @@ def item_files(out_dir: str, item: PromptItem, layout: str, samples: int) -> lis
 # ----------------------------------------------------------------------------- run identity
 
 
+FINGERPRINT_WHOLE = 4 << 20  # files up to this size are hashed whole
+
+
 def model_fingerprint(path: str) -> str:
-    """blake2b of a model folder's file names and sizes and of its small (config, tokenizer) files' bytes; a hub
-    id is its own fingerprint."""
+    """blake2b of a model folder's file names, sizes and contents: small (config, tokenizer) files whole, large
+    (weights) files through their first and last MiB and 16 blocks spread between, so retrained weights of the same
+    shape count as another model without reading gigabytes; a hub id is its own fingerprint."""
     if not os.path.isdir(path):
         return path
     h = hashlib.blake2b(digest_size=16)
@@ -180,9 +184,13 @@ def model_fingerprint(path: str) -> str:
             full = os.path.join(root, name)
             size = os.path.getsize(full)
             h.update(f"{os.path.relpath(full, path)}:{size}\n".encode())
-            if size < 1 << 20:
-                with open(full, "rb") as f:
+            with open(full, "rb") as f:
+                if size <= FINGERPRINT_WHOLE:
                     h.update(f.read())
+                    continue
+                for offset in [0, size - (1 << 20)] + [size * k // 17 for k in range(1, 17)]:
+                    f.seek(offset)
+                    h.update(f.read(1 << 20 if offset in (0, size - (1 << 20)) else 1 << 16))
     return h.hexdigest()
 
 
@@ -345,19 +353,33 @@ def distribution_metrics(generated: Sequence[np.ndarray], reference: Sequence[np
     }
 
 
-def clip_score(images: Sequence[np.ndarray], prompts: Sequence[str], clip_dir: str) -> float:
-    """torchmetrics' CLIPScore (100 * max(cos, 0), averaged) of each image against its prompt, with the CLIP
-    model and processor saved in ``clip_dir`` (``save_pretrained``); nothing is downloaded."""
+def check_clip_dir(clip_dir: str) -> None:
+    """A one-line error unless ``clip_dir`` holds a saved CLIP model (checked before any image is drawn)."""
     if not os.path.isdir(clip_dir) or not os.path.isfile(os.path.join(clip_dir, "config.json")):
         raise ValueError(f"no CLIP model at {clip_dir}; pass --clip a folder written by CLIPModel.save_pretrained "
                          f"and CLIPProcessor.save_pretrained (e.g. a download of openai/clip-vit-large-patch14)")
-    from torchmetrics.multimodal.clip_score import CLIPScore
 
-    metric = CLIPScore(model_name_or_path=clip_dir)
-    for start in range(0, len(images), 32):
-        batch = torch.from_numpy(np.stack(images[start:start + 32]))
-        metric.update(batch, list(prompts[start:start + 32]))
-    return float(metric.compute())
+
+def clip_score(images: Sequence[np.ndarray], prompts: Sequence[str], clip_dir: str, batch_size: int = 32) -> float:
+    """CLIPScore (Hessel et al., 2021: 100 * max(cos(image, text), 0), averaged over the pairs) of each image against
+    its prompt, with the CLIP model and processor saved in ``clip_dir`` (``save_pretrained``); nothing is
+    downloaded. Computed from ``CLIPModel``'s own normalised embeddings: torchmetrics' ``CLIPScore`` takes hub ids
+    only and reads ``get_image_features`` as a tensor, which transformers 5 no longer returns."""
+    check_clip_dir(clip_dir)
+    if len(images) != len(prompts):
+        raise ValueError(f"CLIPScore needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
+    total = 0.0
+    for start in range(0, len(images), batch_size):
+        pics = [Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0))) for img in images[start:start + batch_size]]
+        inputs = processor(text=list(prompts[start:start + batch_size]), images=pics, return_tensors="pt",
+                           padding=True, truncation=True)
+        with torch.no_grad():
+            out = model(**inputs)
+        total += float((100 * (out.image_embeds * out.text_embeds).sum(-1).clamp(min=0)).sum())
+    return total / max(len(images), 1)
 
 
 def image_side(images: Sequence[np.ndarray]) -> int:

@@ -64,8 +64,8 @@ def run(argv=None) -> dict:
         gen_eval.inception_weights_path(args.inception_weights)
         if not os.path.isdir(args.reference):
             raise ValueError(f"no reference image folder at '{args.reference}'")
-    if args.clip is not None and not os.path.isfile(os.path.join(args.clip, "config.json")):
-        gen_eval.clip_score([], [], args.clip)  # raises its one-line error
+    if args.clip is not None:
+        gen_eval.check_clip_dir(args.clip)
 
     import torch
 

@@ -179,6 +179,62 @@ def test_missing_inception_or_clip_weights_are_one_line_errors(tmp_path, monkeyp
         gen_eval.clip_score([], [], str(tmp_path / "no_clip"))
 
 
+def test_fingerprint_tells_retrained_weights_of_the_same_size_apart(tmp_path):
+    big = gen_eval.FINGERPRINT_WHOLE + 3 * (1 << 20)  # a weights file read in samples, not whole
+    folders = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"hidden": 8}')
+        (tmp_path / name / "model.safetensors").write_bytes(np.random.default_rng(seed).bytes(big))
+        folders.append(gen_eval.model_fingerprint(str(tmp_path / name)))
+    assert folders[0] == folders[1] != folders[2]  # same bytes: same model; other weights of the same size: another
+    (tmp_path / "b" / "config.json").write_text('{"hidden": 9}')
+    assert gen_eval.model_fingerprint(str(tmp_path / "b")) != folders[0]
+    assert gen_eval.model_fingerprint("org/model") == "org/model"  # a hub id names itself
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIP saved as a user would save a downloaded one (byte-level BPE vocabulary, no merges)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    path = tmp_path_factory.mktemp("clip")
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=77, **tiny),
+                     vision_config=dict(image_size=32, patch_size=8, **tiny), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(str(path))
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))).save_pretrained(str(path))
+    return str(path)
+
+
+def test_clip_score_is_the_mean_clamped_cosine_of_each_image_with_its_prompt(clip_dir):
+    from transformers import CLIPModel, CLIPProcessor
+
+    images = [np.random.default_rng(i).integers(0, 256, (3, 32, 32), dtype=np.uint8) for i in range(3)]
+    prompts = ["a red square", "a blue circle on the left", "green"]
+    model, processor = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
+    expected = []
+    for img, text in zip(images, prompts):  # one pair at a time, through the two towers separately
+        pixels = processor(images=Image.fromarray(img.transpose(1, 2, 0)), return_tensors="pt")["pixel_values"]
+        ids = processor(text=[text], return_tensors="pt")
+        with torch.no_grad():
+            a = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+            b = model.text_projection(model.text_model(**ids).pooler_output)
+        expected.append(100 * max(float(torch.nn.functional.cosine_similarity(a, b)), 0.0))
+    assert any(e > 0 for e in expected)  # not all clamped away: the cosines are compared
+    got = gen_eval.clip_score(images, prompts, clip_dir, batch_size=2)  # batches padded to their longest prompt
+    assert got == pytest.approx(sum(expected) / 3, abs=1e-3)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        gen_eval.clip_score(images, prompts[:2], clip_dir)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_gen")
