@@ -73,6 +73,30 @@ def tiny_vqrae_config(image_size: int = 32, codebook_size: int = CODEBOOK_SIZE, 
     )
 
 
+def write_random_inception(path: str) -> dict:
+    """A randomly initialised torch-fidelity InceptionV3 saved as safetensors at ``path``, built without any
+    download (its conv weights drawn Kaiming-normal from seed 0, which keeps the random features away from zero);
+    returns its state dict."""
+    import math
+
+    from safetensors.torch import save_file
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    gen = torch.Generator().manual_seed(0)
+    for mod in net.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            mod.weight.data.normal_(0.0, math.sqrt(2.0 / mod.weight[0].numel()), generator=gen)
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(path))
+    return state
+
+
 def write_vqrae(path: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
     VQRAE(tiny_vqrae_config()).save_pretrained(str(path))

@@ -21,7 +21,7 @@ from PIL import Image
 
 from mllm import MLLMConfig, UnifiedModel
 from mllm import gen_eval
-from tests.helpers import error_line, run_script, write_llm, write_vqrae
+from tests.helpers import error_line, run_script, write_llm, write_random_inception, write_vqrae
 
 GENEVAL_LINES = [  # the first lines of GenEval's prompts/evaluation_metadata.jsonl
     {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
@@ -132,19 +132,8 @@ def test_an_output_folder_holding_another_run_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
-    from safetensors.torch import save_file
-    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
-        mp.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    gen = torch.Generator().manual_seed(0)
-    for mod in net.modules():
-        if isinstance(mod, torch.nn.Conv2d):
-            mod.weight.data.normal_(0.0, math.sqrt(2.0 / mod.weight[0].numel()), generator=gen)
     path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    write_random_inception(str(path))
     return str(path)
 
 

@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 import torch
-import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 
+from tests.helpers import write_random_inception
 from vqrae.losses import PerceptualLoss
 from vqrae.metrics import CodebookUsage, FIDMetric, ReconstructionMetrics, psnr, ssim
 
@@ -175,19 +175,8 @@ def test_fid_unloadable_weights_is_one_line_error(tmp_path, content):
 @pytest.fixture(scope="module")
 def random_inception_file(tmp_path_factory):
     """A randomly initialised torch-fidelity InceptionV3 saved as a state dict, built without any download."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
-        mp.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    gen = torch.Generator().manual_seed(0)
-    for mod in net.modules():
-        if isinstance(mod, torch.nn.Conv2d):  # kaiming keeps the random features away from zero
-            mod.weight.data.normal_(0.0, math.sqrt(2.0 / mod.weight[0].numel()), generator=gen)
-    from safetensors.torch import save_file
-
     path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    return str(path), net.state_dict()
+    return str(path), write_random_inception(str(path))
 
 
 def test_fid_local_weights_and_update_routing(random_inception_file):
