@@ -10,7 +10,7 @@
 Seeded and resumable: a rerun skips finished prompts and draws the rest as a whole run would; the output folder
 records the model and settings (run.json) and refuses another run's. With --reference, FID, KID, Inception Score
 and precision/recall against that image folder (torch-fidelity) go to <output>/metrics.json, with --clip the
-CLIPScore too (torchmetrics).
+CLIPScore too (a saved CLIP model, e.g. openai/clip-vit-large-patch14).
 """
 from __future__ import annotations
 
