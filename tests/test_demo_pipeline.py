@@ -2,6 +2,7 @@
 data -> stand-in encoder -> tokenizer stages 1 and 2 -> unified model -> generated images and answers -> scores;
 then the generation evaluation on the model it trained."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -88,3 +89,7 @@ def test_the_trained_demo_model_draws_closer_to_held_out_images_than_an_untraine
     assert trained["generated_images"] == 8 and trained["reference_images"] == 16
     # the full demo model, 16 captions against 24 images: FID 1.3 against 53, KID 0.0003 against 0.08
     assert trained["fid"] < untrained["fid"] and trained["kid_mean"] < untrained["kid_mean"], metrics
+    assert trained["recall"] >= untrained["recall"] and trained["precision"] >= untrained["precision"], metrics
+    for m in metrics.values():  # every distribution metric, finite (mllm.gen_eval.distribution_metrics)
+        assert {"fid", "kid_mean", "kid_std", "inception_score_mean", "inception_score_std", "precision", "recall"} <= set(m)
+        assert all(math.isfinite(m[k]) for k in ("fid", "kid_mean", "kid_std", "inception_score_mean", "recall")), m
