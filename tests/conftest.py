@@ -10,7 +10,10 @@ from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 from tests.helpers import ROOT, rank_env, run_script, tiny_vqrae_config, write_images
 from vqrae import VQRAEConfig
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads, or one per pytest-xdist worker when pyproject's addopts run the suite in two (the machine's cores
+# shared, not oversubscribed).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

@@ -37,6 +37,7 @@ from tests.conftest import DIST_ENV, reference_argv
 from tests.helpers import error_line, free_port, log_lines, run_script, write_images, write_tiny_assets, write_vqrae
 from vqrae.runtime.checkpoint import Checkpointer
 from vqrae.runtime.config import TrainingError
+from vqrae.runtime.distributed import cpu_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tokenizer", "tiny_stage1.yaml")
@@ -275,8 +276,19 @@ def group_gone(pgid: int) -> bool:
     return False
 
 
+@pytest.fixture
+def launched_rank_threads():
+    """This process computes with the threads a launched lone rank takes (``cpu_threads(1)``), whatever share of the
+    cores pytest-xdist gave it: runs compared bit for bit with launched ones must sum their floats alike."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(1))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_sigkill_at_random_steps_then_resume_equals_an_uninterrupted_run(single_rank, images, tmp_path, caplog):
+def test_sigkill_at_random_steps_then_resume_equals_an_uninterrupted_run(single_rank, images, tmp_path, caplog,
+                                                                        launched_rank_threads):
     steps, every = 10, 2
     argv = ["--config", TINY, f"data.source={images}", *FAST, f"run.steps={steps}", f"run.save_every={every}",
             "run.keep_last=2"]
