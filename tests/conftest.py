@@ -1,16 +1,31 @@
+import contextlib
 import os
+import shutil
 
 import pytest
 import torch
 import torchvision.models._api as tv_api
 from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
-from tests.helpers import rank_env, tiny_vqrae_config
+from tests.helpers import ROOT, rank_env, run_script, tiny_vqrae_config, write_images
 from vqrae import VQRAEConfig
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads, or one per pytest-xdist worker when pyproject's addopts run the suite in two (the machine's cores
+# shared, not oversubscribed).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+# The longest files, longest first (measured with --durations): started before the rest, the two workers end
+# together instead of one running the demo alone at the end. Every other file keeps its place.
+LONGEST_FIRST = ("test_elastic.py", "test_demo_pipeline.py", "test_recipes.py", "test_train_tokenizer.py",
+                 "test_train_mllm.py", "test_io_failures.py", "test_reliability.py")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: a file's own order is kept
 
 
 @pytest.fixture
@@ -28,14 +43,73 @@ def no_downloads(monkeypatch):
         monkeypatch.setattr(module, "load_state_dict_from_url", refuse)
 
 
+@contextlib.contextmanager
+def lone_rank():
+    """The environment the launcher gives one rank, inside the block; restored afterwards."""
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    os.environ.update(rank_env())
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="module")
 def single_rank():
     """The environment the launcher gives one rank, for trainers run in this process; restored afterwards."""
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
-    os.environ.update(rank_env())
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with lone_rank():
+        yield
+
+
+# ----------------------------------------------------------------------------- the reference tokenizer run
+# The tiny tokenizer run that the checkpoint, resume and pre-emption tests start from or compare against:
+# 4 steps of 4 images (one epoch of 16), checkpoints at steps 2 and 4, GAN from the first step (its engine is
+# saved, re-split and resumed too), no LPIPS (its random VGG trunk dominates a CPU step), no TensorBoard.
+REFERENCE_CONFIG = os.path.join(ROOT, "configs", "tokenizer", "tiny_stage1.yaml")
+REFERENCE_FAST = ["loss.perceptual_weight=0", "loss.gan_start_step=0", "run.tensorboard=false", "run.image_every=0",
+                  "run.batch_size=4", "run.micro_batch_size=4", "run.log_every=1", "run.keep_last=5"]
+REFERENCE_STEPS = ["run.steps=4", "run.save_every=2"]
+
+
+@pytest.fixture(scope="session")
+def reference_images(tmp_path_factory) -> str:
+    """The reference run's image folder (``train/``: 16 images)."""
+    folder = tmp_path_factory.mktemp("reference_images")
+    write_images(str(folder / "train"), 16)
+    return str(folder)
+
+
+def reference_argv(images: str, out: str, *extra: str) -> list[str]:
+    """``scripts/train_tokenizer.py`` arguments of the reference run (``extra`` after them, so they win)."""
+    return ["--config", REFERENCE_CONFIG, f"data.source={images}", f"run.output_dir={out}", *REFERENCE_FAST,
+            *REFERENCE_STEPS, *extra]
+
+
+@pytest.fixture(scope="session")
+def reference_run(reference_images, tmp_path_factory):
+    """``reference_run(zero)``: the output folder of the reference run under that ZeRO stage (the config's own
+    stage 1 by default), trained once per session in this process; tests copy it, never change it."""
+    runs: dict = {}
+
+    def get(zero: int = 1) -> str:
+        if zero not in runs:
+            out = str(tmp_path_factory.mktemp(f"reference_zero{zero}") / "run")
+            with lone_rank():
+                code = run_script("train_tokenizer.py", reference_argv(reference_images, out, f"run.zero_stage={zero}"))
+            assert code == 0, f"the reference run (ZeRO-{zero}) failed"
+            assert not os.path.exists(os.path.join(out, "run.lock"))  # released at the end
+            runs[zero] = out
+        return runs[zero]
+
+    return get
+
+
+def copy_checkpoint(run: str, step: int, out: str) -> str:
+    """Copy ``run``'s step-``step`` checkpoint into a fresh output folder ``out``; returns its path there."""
+    name = os.path.join("checkpoints", f"step_{step:08d}")
+    shutil.copytree(os.path.join(run, name), os.path.join(out, name))
+    return os.path.join(out, name)

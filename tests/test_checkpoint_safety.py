@@ -24,7 +24,7 @@ import deepspeed  # noqa: F401
 import pytest
 import torch
 
-from tests.conftest import DIST_ENV
+from tests.conftest import DIST_ENV, copy_checkpoint, reference_argv
 from tests.helpers import error_line, log_lines, rank_env, run_script, write_tiny_assets
 from vqrae.runtime.checkpoint import MANIFEST, Checkpointer, damage
 from vqrae.runtime.config import TrainingError
@@ -101,19 +101,12 @@ def tokenizer_argv(assets: dict, out: str, *extra: str) -> list[str]:
     return ["--config", TOKENIZER, f"data.source={assets['data']}", f"run.output_dir={out}", *FAST, *extra]
 
 
-@pytest.fixture(scope="module")
-def tokenizer_run(single_rank, assets, tmp_path_factory) -> str:
-    """A finished tiny tokenizer run with checkpoints at steps 2 and 4 (ZeRO-1, generator and discriminator)."""
-    out = str(tmp_path_factory.mktemp("tokenizer") / "run")
-    assert run_script("train_tokenizer.py", tokenizer_argv(assets, out, "run.steps=4", "run.save_every=2")) == 0
-    assert not os.path.exists(os.path.join(out, LOCK))  # released at the end
-    return out
-
-
 @pytest.fixture
-def run_copy(tokenizer_run, tmp_path) -> str:
+def run_copy(single_rank, reference_run, tmp_path) -> str:
+    """A copy of the finished reference run (tests/conftest.py): checkpoints at steps 2 and 4 (ZeRO-1, generator
+    and discriminator)."""
     out = str(tmp_path / "run")
-    shutil.copytree(tokenizer_run, out)
+    shutil.copytree(reference_run(), out)
     return out
 
 
@@ -123,12 +116,12 @@ def run_copy(tokenizer_run, tmp_path) -> str:
 @pytest.mark.parametrize("name, resume", [(MODEL_STATES, "dir"), (MODEL_STATES, "auto"), (OPTIM_STATES, "dir"),
                                           ("discriminator/mp_rank_00_model_states.pt", "auto"),
                                           ("trainer.pt", "auto")])
-def test_a_crafted_pickle_in_a_tokenizer_checkpoint_never_runs(run_copy, assets, tmp_path, capfd, name, resume):
+def test_a_crafted_pickle_in_a_tokenizer_checkpoint_never_runs(run_copy, reference_images, tmp_path, capfd, name, resume):
     marker = str(tmp_path / "pwned")
     ckpt = step_dir(run_copy, 4)
     path = plant(ckpt, name, marker)
     capfd.readouterr()
-    code = run_script("train_tokenizer.py", tokenizer_argv(assets, run_copy, "run.steps=6", "run.save_every=2",
+    code = run_script("train_tokenizer.py", reference_argv(reference_images, run_copy, "run.steps=6", "run.save_every=2",
                                                            "--resume", ckpt if resume == "dir" else "auto"))
     assert code == 2
     assert error_line(capfd.readouterr().err) == refused(path)
@@ -137,14 +130,14 @@ def test_a_crafted_pickle_in_a_tokenizer_checkpoint_never_runs(run_copy, assets,
     assert_payload_is_live(path, marker)
 
 
-def test_a_crafted_pickle_is_refused_by_the_script_as_its_own_process(run_copy, assets, tmp_path):
+def test_a_crafted_pickle_is_refused_by_the_script_as_its_own_process(run_copy, reference_images, tmp_path):
     marker = str(tmp_path / "pwned")
     ckpt = step_dir(run_copy, 4)
     path = plant(ckpt, MODEL_STATES, marker)
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(rank_env(), TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/vqrae_torch_ext"))
     proc = subprocess.run([sys.executable, "scripts/train_tokenizer.py",
-                           *tokenizer_argv(assets, run_copy, "run.steps=6", "--resume", ckpt)],
+                           *reference_argv(reference_images, run_copy, "run.steps=6", "--resume", ckpt)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert error_line(proc.stderr) == refused(path)
@@ -194,11 +187,11 @@ def remove(path: str) -> str:
 
 
 @pytest.mark.parametrize("harm", [truncate, change_a_byte])
-def test_resume_auto_skips_a_damaged_newest_checkpoint(run_copy, assets, caplog, capfd, harm):
+def test_resume_auto_skips_a_damaged_newest_checkpoint(run_copy, reference_images, caplog, capfd, harm):
     caplog.set_level(logging.INFO, logger="vqrae")
     newest, older = step_dir(run_copy, 4), step_dir(run_copy, 2)
     reason = harm(os.path.join(newest, MODEL_STATES))
-    code = run_script("train_tokenizer.py", tokenizer_argv(assets, run_copy, "run.steps=4", "run.save_every=2",
+    code = run_script("train_tokenizer.py", reference_argv(reference_images, run_copy, "run.steps=4", "run.save_every=2",
                                                            "--resume", "auto"))
     assert code == 0, capfd.readouterr().err
     log = log_lines(caplog)
@@ -220,11 +213,11 @@ def test_resolve_checks_sizes_and_contents(run_copy, caplog, harm):
     assert str(e.value) == f"--resume {newest}: not a complete checkpoint ({reason})"
 
 
-def test_an_explicit_damaged_checkpoint_is_a_one_line_error(run_copy, assets, capfd):
+def test_an_explicit_damaged_checkpoint_is_a_one_line_error(run_copy, reference_images, capfd):
     ckpt = step_dir(run_copy, 4)
     reason = change_a_byte(os.path.join(ckpt, MODEL_STATES))
     capfd.readouterr()
-    code = run_script("train_tokenizer.py", tokenizer_argv(assets, run_copy, "run.steps=6", "--resume", ckpt))
+    code = run_script("train_tokenizer.py", reference_argv(reference_images, run_copy, "run.steps=6", "--resume", ckpt))
     assert code == 2
     assert error_line(capfd.readouterr().err) == f"error: --resume {ckpt}: not a complete checkpoint ({reason})"
     assert not os.path.exists(os.path.join(run_copy, LOCK))
@@ -235,10 +228,10 @@ def test_an_explicit_damaged_checkpoint_is_a_one_line_error(run_copy, assets, ca
     ("model.decoder.depth=3", r"this model has decoder\.\S*2\.\S+ \[[\d, ]+\], which the checkpoint lacks"),
     ("loss.disc_channels=16", r"\S+ is \[8(, \d+)*\] in the checkpoint, \[16(, \d+)*\] in this model"),
 ])
-def test_a_config_that_no_longer_fits_the_checkpoint_is_a_one_line_error(run_copy, assets, capfd, override, problem):
+def test_a_config_that_no_longer_fits_the_checkpoint_is_a_one_line_error(run_copy, reference_images, capfd, override, problem):
     ckpt = step_dir(run_copy, 4)
     capfd.readouterr()
-    code = run_script("train_tokenizer.py", tokenizer_argv(assets, run_copy, "run.steps=6", override, "--resume", ckpt))
+    code = run_script("train_tokenizer.py", reference_argv(reference_images, run_copy, "run.steps=6", override, "--resume", ckpt))
     assert code == 2
     line = error_line(capfd.readouterr().err)
     assert re.fullmatch(rf"error: {re.escape(ckpt)} does not match this config: {problem}", line), line
@@ -255,7 +248,7 @@ def write_lock(out: str, pid: int, host: str) -> str:
 
 
 @pytest.mark.parametrize("owner", ["live here", "elsewhere"])
-def test_a_second_run_on_the_same_output_dir_is_refused(run_copy, assets, capfd, owner):
+def test_a_second_run_on_the_same_output_dir_is_refused(run_copy, reference_images, capfd, owner):
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         # a live process on this host, or any process on another host (whose liveness cannot be checked here)
@@ -264,7 +257,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused(run_copy, assets, capfd,
         with open(lock) as f:
             before = f.read()
         capfd.readouterr()
-        code = run_script("train_tokenizer.py", tokenizer_argv(assets, run_copy, "run.steps=6", "--resume", "auto"))
+        code = run_script("train_tokenizer.py", reference_argv(reference_images, run_copy, "run.steps=6", "--resume", "auto"))
         assert code == 2
         assert error_line(capfd.readouterr().err) == (
             f"error: {run_copy} is in use by another run (pid {sleeper.pid} on {host}); wait for it to end, or "
@@ -278,7 +271,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused(run_copy, assets, capfd,
 
 
 @pytest.mark.parametrize("owner", ["killed here", "silent elsewhere"])
-def test_a_stale_lock_is_taken_over(run_copy, assets, caplog, capfd, owner):
+def test_a_stale_lock_is_taken_over(run_copy, reference_images, caplog, capfd, owner):
     caplog.set_level(logging.INFO, logger="vqrae")
     gone = subprocess.Popen(["true"])
     gone.wait()  # reaped: its pid names no process now
@@ -288,7 +281,7 @@ def test_a_stale_lock_is_taken_over(run_copy, assets, caplog, capfd, owner):
         lock = write_lock(run_copy, os.getpid(), "other-node")
         past = time.time() - LOCK_STALE_S - 5
         os.utime(lock, (past, past))
-    code = run_script("train_tokenizer.py", tokenizer_argv(assets, run_copy, "run.steps=4", "--resume", "auto"))
+    code = run_script("train_tokenizer.py", reference_argv(reference_images, run_copy, "run.steps=4", "--resume", "auto"))
     assert code == 0, capfd.readouterr().err
     assert any(line.startswith("done: 4 steps") for line in log_lines(caplog))
     assert not os.path.exists(os.path.join(run_copy, LOCK))
@@ -419,16 +412,15 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_nothing_partial(single
 
 
 @pytest.mark.parametrize("zero", [0, 2, 3])
-def test_resume_through_the_safe_loader_is_bit_exact(single_rank, assets, tmp_path, zero):
-    """ZeRO 0, 2 and 3 (1 runs in tests/test_train_tokenizer.py): a run resumed from its step-2 checkpoint in a
-    fresh folder ends with the uninterrupted run's weights, bit for bit."""
+def test_resume_through_the_safe_loader_is_bit_exact(single_rank, reference_run, reference_images, tmp_path, zero):
+    """ZeRO 0, 2 and 3 (1 runs in tests/test_train_tokenizer.py): a run resumed from the reference run's step-2
+    checkpoint in a fresh folder ends with the uninterrupted run's weights, bit for bit."""
     from safetensors.torch import load_file
 
-    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
-    common = ["run.steps=4", "run.save_every=2", f"run.zero_stage={zero}"]
-    assert run_script("train_tokenizer.py", tokenizer_argv(assets, ref, *common)) == 0
-    shutil.copytree(step_dir(ref, 2), step_dir(out, 2))
-    assert run_script("train_tokenizer.py", tokenizer_argv(assets, out, *common, "--resume", "auto")) == 0
+    ref, out = reference_run(zero), str(tmp_path / "run")
+    copy_checkpoint(ref, 2, out)
+    argv = reference_argv(reference_images, out, f"run.zero_stage={zero}", "--resume", "auto")
+    assert run_script("train_tokenizer.py", argv) == 0
     names = ["model/model.safetensors"] + (["ema.safetensors"] if zero != 3 else [])  # no EMA under ZeRO-3
     for name in names:
         a, b = load_file(os.path.join(step_dir(ref, 4), name)), load_file(os.path.join(step_dir(out, 4), name))

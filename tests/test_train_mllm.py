@@ -34,6 +34,10 @@ def test_joint_training_resumes_exactly_with_precomputed_codes(assets, tmp_path)
     common = [f"model.llm={assets['llm']}", f"model.vqrae={assets['vqrae']}", f"data.generation.source={assets['data']}",
               f"data.understanding.source={assets['data']}", "run.steps=12", "run.save_every=4", "run.keep_last=10",
               "model.image_positions=true"]
+    # The codes depend on the stored VQRAE and the data only: computed beside the first run, used by the resume.
+    tokenize = subprocess.Popen([sys.executable, "scripts/tokenize_dataset.py", "--vqrae", assets["vqrae"], "--data",
+                                 assets["data"], "--out", codes, "--dtype", "float32"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc = deepspeed_run("scripts/train_mllm.py", CONFIG, *common, f"run.output_dir={a}")
     log = proc.stdout + proc.stderr
     for task in ("generation", "understanding"):
@@ -55,8 +59,8 @@ def test_joint_training_resumes_exactly_with_precomputed_codes(assets, tmp_path)
 
     # Codes computed once, then a resume from the step-4 checkpoint in a fresh directory that reads them instead
     # of running the VQRAE: the same batches, so the same fp32 weights at steps 8 and 12.
-    subprocess.run([sys.executable, "scripts/tokenize_dataset.py", "--vqrae", assets["vqrae"], "--data", assets["data"],
-                    "--out", codes, "--dtype", "float32"], cwd=ROOT, check=True, capture_output=True)
+    out, err = tokenize.communicate(timeout=600)
+    assert tokenize.returncode == 0, out[-2000:] + err[-3000:]
     os.makedirs(os.path.join(b, "checkpoints"))
     shutil.copytree(os.path.join(a, "checkpoints", "step_00000004"), os.path.join(b, "checkpoints", "step_00000004"))
     proc = deepspeed_run("scripts/train_mllm.py", CONFIG, *common, f"run.output_dir={b}",

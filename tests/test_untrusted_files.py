@@ -14,7 +14,8 @@ from mllm import LoraSettings, MLLMConfig, UnifiedModel
 from vqrae import VQRAE
 from vqrae.config import ConfigError
 from demo.shapes import write_imagefolder
-from tests.helpers import write_llm, write_vqrae
+from tests.conftest import DIST_ENV
+from tests.helpers import run_script, write_llm, write_vqrae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELING = """import pathlib
@@ -185,33 +186,57 @@ def test_pickled_lpips_and_inception_weights_are_refused(files):
 
 
 # ----------------------------------------------------------------------------- the command lines
+# Each case runs the script's ``__main__`` block in this process (``run_script``): its exit code and all it writes
+# to stderr are what a user sees, and the marker shows whether a payload ran. The refusals come before any model
+# code or weights are loaded, so nothing this process loaded earlier can stand in for what a fresh one would read;
+# test_refusals_in_real_interpreters runs one case per script as its own process (warnings and all).
 
 
-def _cli(files, script: str, *args: str) -> str:
-    env = dict(os.environ, HF_MODULES_CACHE=os.path.join(os.path.dirname(files["marker"]), "hf_modules"))
-    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
-    return lines[0]
+@pytest.fixture
+def cli(files, single_rank, monkeypatch, capfd):
+    """``cli(script, *args)``: run ``scripts/<script>``; returns the one ``error:`` line, the only line on stderr."""
+    import transformers.dynamic_module_utils as dynamic
+
+    from vqrae.runtime.distributed import init_distributed
+
+    modules = os.path.join(os.path.dirname(files["marker"]), "hf_modules")  # model code copied here, if ever
+    monkeypatch.setenv("HF_MODULES_CACHE", modules)
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", modules)
+    # The process group's first start in this process, before the case: DeepSpeed then probes for libaio with the
+    # C compiler, whose complaint a real interpreter silences but pytest's capture lets through to stderr.
+    init_distributed()
+
+    def run(script: str, *args: str) -> str:
+        capfd.readouterr()
+        code = run_script(script, list(args))
+        err = capfd.readouterr().err
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err[-3000:])
+        return lines[0]
+
+    return run
 
 
-def _train(files, *overrides: str) -> str:
+def _train_args(files, *overrides: str) -> list[str]:
     data = [f"data.generation.source={files['data']}", f"data.understanding.source={files['data']}",
             f"run.output_dir={os.path.join(os.path.dirname(files['marker']), 'run')}"]
-    return _cli(files, "scripts/train_mllm.py", "--config", "configs/mllm/tiny.yaml", *data, *overrides)
+    return ["--config", os.path.join(ROOT, "configs", "mllm", "tiny.yaml"), *data, *overrides]
 
 
-@pytest.mark.slow  # a Python process per case
+def _generate_args(files, case: str, out: str) -> list[str]:
+    return ["--model", files[case], "--prompt", "a red circle", "--out", out, "--device", "cpu"]
+
+
+def _eval_args(files, *flags: str) -> list[str]:
+    return ["--model", files["vqrae"], "--data", files["data"], "--device", "cpu", *flags]
+
+
 @pytest.mark.parametrize("case,expected", [
     ("model_pickled", "pytorch_model.bin"), ("model_code", "auto_map"), ("model_asks", "--trust-remote-code")])
-def test_generate_refuses(files, tmp_path, case, expected):
-    line = _cli(files, "scripts/generate.py", "--model", files[case], "--prompt", "a red circle", "--out",
-                str(tmp_path / "out"), "--device", "cpu")
-    assert expected in line
+def test_generate_refuses(files, cli, tmp_path, case, expected):
+    assert expected in cli("generate.py", *_generate_args(files, case, str(tmp_path / "out")))
 
 
-@pytest.mark.slow  # a Python process per case
 @pytest.mark.parametrize("overrides,expected", [
     (["init_from={model_pickled}"], "pytorch_model.bin"),
     (["init_from={model_asks}"], "trust_remote_code: true in mllm.yaml"),
@@ -220,16 +245,35 @@ def test_generate_refuses(files, tmp_path, case, expected):
     (["model.llm={llm}", "model.vqrae={vqrae_pickled}"], "model.pt"),
     (["model.llm={llm}", "model.vqrae={vqrae_truncated}"], "damaged or incomplete"),
 ])
-def test_train_mllm_refuses(files, overrides, expected):
-    assert expected in _train(files, *[o.format(**files) for o in overrides])
+def test_train_mllm_refuses(files, cli, overrides, expected):
+    assert expected in cli("train_mllm.py", *_train_args(files, *[o.format(**files) for o in overrides]))
 
 
-@pytest.mark.slow  # a Python process per case
 @pytest.mark.parametrize("flags,expected", [
     (["--no-fid", "--lpips-backbone", "{weights_pth}"], "LPIPS backbone"),
     (["--inception-weights", "{weights_pth}", "--lpips-backbone", "random"], "--inception-weights"),
 ])
-def test_eval_tokenizer_refuses(files, flags, expected):
-    line = _cli(files, "scripts/eval_tokenizer.py", "--model", files["vqrae"], "--data", files["data"], "--device",
-                "cpu", *[f.format(**files) for f in flags])
+def test_eval_tokenizer_refuses(files, cli, flags, expected):
+    line = cli("eval_tokenizer.py", *_eval_args(files, *[f.format(**files) for f in flags]))
     assert expected in line and "weights.pth" in line
+
+
+@pytest.mark.slow  # a Python process per script
+def test_refusals_in_real_interpreters(files, tmp_path):
+    """A fresh interpreter prints warnings and progress that an in-process run does not: one refusal per script
+    is still the only line on stderr, with exit code 2, and its payload never runs."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env["HF_MODULES_CACHE"] = os.path.join(os.path.dirname(files["marker"]), "hf_modules")
+    runs = {
+        "generate.py": (_generate_args(files, "model_code", str(tmp_path / "out")), "auto_map"),
+        "train_mllm.py": (_train_args(files, f"init_from={files['model_pickled']}"), "pytorch_model.bin"),
+        "eval_tokenizer.py": (_eval_args(files, "--no-fid", "--lpips-backbone", files["weights_pth"]), "LPIPS backbone"),
+    }
+    procs = {script: subprocess.Popen([sys.executable, os.path.join("scripts", script), *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for script, (args, _) in runs.items()}  # at once: most of each run is importing, which overlaps well
+    for script, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        lines = stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (script, stderr[-3000:])
+        assert runs[script][1] in lines[0], (script, lines[0])
