@@ -29,6 +29,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
+
+from vqrae.metrics import inception_weights_copy, inception_weights_path
 
 LAYOUTS = ("geneval", "dpg", "folder")
 DPG_SAMPLES = 4  # DPG-Bench's evaluator reads a 2 x 2 grid per prompt
@@ -122,19 +125,26 @@ def _save(array: np.ndarray, path: str) -> None:
     os.replace(tmp, path)
 
 
+def item_files(out_dir: str, item: PromptItem, layout: str, samples: int) -> list[str]:
+    """The image files ``write_prompt`` writes for ``item``."""
+    if layout == "geneval":
+        return [os.path.join(out_dir, item.name, "samples", f"{k:04d}.png") for k in range(samples)]
+    if layout == "dpg":
+        return [os.path.join(out_dir, f"{item.name}.png")]
+    return [os.path.join(out_dir, f"{item.name}_{k:02d}.png") for k in range(samples)]
+
+
 def prompt_done(out_dir: str, item: PromptItem, layout: str, samples: int) -> bool:
     """Whether every file of ``item`` is in place (files appear only complete, by rename)."""
+    files = item_files(out_dir, item, layout, samples)
     if layout == "geneval":
-        folder = os.path.join(out_dir, item.name)
-        return os.path.isfile(os.path.join(folder, "metadata.jsonl")) and all(
-            os.path.isfile(os.path.join(folder, "samples", f"{k:04d}.png")) for k in range(samples))
-    if layout == "dpg":
-        return os.path.isfile(os.path.join(out_dir, f"{item.name}.png"))
-    return all(os.path.isfile(os.path.join(out_dir, f"{item.name}_{k:02d}.png")) for k in range(samples))
+        files.append(os.path.join(out_dir, item.name, "metadata.jsonl"))
+    return all(os.path.isfile(f) for f in files)
 
 
 def write_prompt(out_dir: str, item: PromptItem, layout: str, images: np.ndarray) -> list[str]:
     """Write one prompt's uint8 images (n, H, W, 3) in ``layout``; returns the files written."""
+    paths = item_files(out_dir, item, layout, len(images))
     if layout == "geneval":
         final = os.path.join(out_dir, item.name)
         tmp = tempfile.mkdtemp(prefix=f".{item.name}.", dir=out_dir)
@@ -146,24 +156,12 @@ def write_prompt(out_dir: str, item: PromptItem, layout: str, images: np.ndarray
         if os.path.isdir(final):  # an unfinished folder of an interrupted run
             shutil.rmtree(final)
         os.rename(tmp, final)
-        return [os.path.join(final, "samples", f"{k:04d}.png") for k in range(len(images))]
-    if layout == "dpg":
-        path = os.path.join(out_dir, f"{item.name}.png")
-        _save(tile_2x2(images), path)
-        return [path]
-    paths = [os.path.join(out_dir, f"{item.name}_{k:02d}.png") for k in range(len(images))]
-    for img, path in zip(images, paths):
-        _save(img, path)
+    elif layout == "dpg":
+        _save(tile_2x2(images), paths[0])
+    else:
+        for img, path in zip(images, paths):
+            _save(img, path)
     return paths
-
-
-def item_files(out_dir: str, item: PromptItem, layout: str, samples: int) -> list[str]:
-    """The files ``write_prompt`` writes for ``item``."""
-    if layout == "geneval":
-        return [os.path.join(out_dir, item.name, "samples", f"{k:04d}.png") for k in range(samples)]
-    if layout == "dpg":
-        return [os.path.join(out_dir, f"{item.name}.png")]
-    return [os.path.join(out_dir, f"{item.name}_{k:02d}.png") for k in range(samples)]
 
 
 # ----------------------------------------------------------------------------- run identity
@@ -297,21 +295,6 @@ class _Images(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.images[i]))
 
 
-_INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.safetensors"  # vqrae.metrics reads the same file
-
-
-def inception_weights_path(path: Optional[str]) -> str:
-    """The safetensors Inception weights (``--inception-weights`` or the torch hub cache), else a one-line error."""
-    path = path or os.path.join(torch.hub.get_dir(), "checkpoints", _INCEPTION_FILE)
-    how = (f"pass --inception-weights PATH to a safetensors copy of torch-fidelity's "
-           f"weights-inception-2015-12-05-6726825d.pth or place it in {torch.hub.get_dir()}/checkpoints as {_INCEPTION_FILE}")
-    if not os.path.isfile(path):
-        raise ValueError(f"Inception weights not found at {path}; {how}")
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"Inception weights '{path}' are not a .safetensors file (pickles can run code when loaded); {how}")
-    return path
-
-
 def distribution_metrics(generated: Sequence[np.ndarray], reference: Sequence[np.ndarray], weights: str,
                          device: Optional[str] = None) -> dict[str, float]:
     """FID, KID (mean, std), Inception Score (mean, std) and precision/recall of ``generated`` against
@@ -319,7 +302,6 @@ def distribution_metrics(generated: Sequence[np.ndarray], reference: Sequence[np
     IS). Precision/recall (Kynkaanniemi et al., 2019, k = 3) use the same Inception features rather than VGG-16,
     so one set of weights serves every metric. KID subsets and IS splits shrink to what small sets allow."""
     import torch_fidelity
-    from safetensors.torch import load_file
 
     weights = inception_weights_path(weights)
     n_gen, n_ref = len(generated), len(reference)
@@ -327,23 +309,19 @@ def distribution_metrics(generated: Sequence[np.ndarray], reference: Sequence[np
         raise ValueError(f"distribution metrics need at least 2 generated and 2 reference images, got {n_gen} and {n_ref}")
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     try:
-        state = load_file(weights, device="cpu")
-    except Exception as e:
-        raise ValueError(f"cannot read Inception weights {weights} ({' '.join(str(e).split()) or type(e).__name__})") from None
-    with tempfile.TemporaryDirectory() as tmp:  # torch-fidelity reads a torch.save file: a private copy of the tensors
-        copy = os.path.join(tmp, "inception.pt")
-        torch.save(state, copy)
-        try:
+        with inception_weights_copy(weights) as copy:
             m = torch_fidelity.calculate_metrics(
                 input1=_Images(generated), input2=_Images(reference), cuda=cuda, isc=True, fid=True, kid=True, prc=True,
                 feature_extractor="inception-v3-compat", feature_layer_prc="2048",
                 feature_extractor_weights_path=copy, kid_subset_size=min(1000, n_gen, n_ref),
                 isc_splits=min(10, n_gen), cache=False, verbose=False, batch_size=32, save_cpu_ram=True,  # no workers: the images are in memory
             )
-        except RuntimeError as e:
-            if "state_dict" in str(e) or "size mismatch" in str(e) or "Missing key" in str(e):
-                raise ValueError(f"cannot load Inception weights from {weights}; they are not torch-fidelity's InceptionV3") from None
-            raise
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"cannot read Inception weights {weights} ({' '.join(str(e).split()) or type(e).__name__})") from None
+    except RuntimeError as e:
+        if "state_dict" in str(e) or "size mismatch" in str(e) or "Missing key" in str(e):
+            raise ValueError(f"cannot load Inception weights from {weights}; they are not torch-fidelity's InceptionV3") from None
+        raise
     return {
         "fid": float(m["frechet_inception_distance"]),
         "kid_mean": float(m["kernel_inception_distance_mean"]), "kid_std": float(m["kernel_inception_distance_std"]),

@@ -10,7 +10,8 @@ import math
 import os
 import tempfile
 from collections import deque
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -206,6 +207,37 @@ _INCEPTION_PTH = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's
 _INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.safetensors"  # the same tensors, read without unpickling
 
 
+def _inception_how() -> str:
+    return (f"pass --inception-weights PATH to a safetensors copy of torch-fidelity's {_INCEPTION_PTH} "
+            f"or place it in {torch.hub.get_dir()}/checkpoints as {_INCEPTION_FILE}")
+
+
+def inception_weights_path(path: str | None) -> str:
+    """torch-fidelity's InceptionV3 weights as safetensors: ``path`` or the torch hub cache's
+    ``weights-inception-2015-12-05-6726825d.safetensors``; a missing file or a pickle (``.pth``) is a one-line
+    ``ValueError`` saying how to provide them. Nothing is downloaded."""
+    path = path or os.path.join(torch.hub.get_dir(), "checkpoints", _INCEPTION_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"Inception weights not found at {path}; {_inception_how()}")
+    if not path.endswith(".safetensors"):  # torch-fidelity unpickles its .pth with weights_only=False
+        raise ValueError(
+            f"Inception weights '{path}' are not a .safetensors file (pickles can run code when loaded); "
+            f"convert them once with safetensors.torch.save_file and pass that file with --inception-weights"
+        )
+    return path
+
+
+@contextmanager
+def inception_weights_copy(path: str) -> Iterator[str]:
+    """A private ``torch.save`` file of the tensors read from the safetensors ``path``, for torch-fidelity, which
+    reads its weights only through ``torch.load``; removed on exit."""
+    state = load_file(path, device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = os.path.join(tmp, "inception.pt")
+        torch.save(state, copy)
+        yield copy
+
+
 class FIDMetric:
     """Frechet Inception Distance (torchmetrics, 2048-d pool features of torch-fidelity's InceptionV3).
 
@@ -222,26 +254,13 @@ class FIDMetric:
     def __init__(self, weights_path: str | None = None):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        path = weights_path or os.path.join(torch.hub.get_dir(), "checkpoints", _INCEPTION_FILE)
-        how = (f"pass --inception-weights PATH to a safetensors copy of torch-fidelity's {_INCEPTION_PTH} "
-               f"or place it in {torch.hub.get_dir()}/checkpoints as {_INCEPTION_FILE}")
-        if not os.path.isfile(path):
-            raise ValueError(f"FID Inception weights not found at {path}; {how}")
-        if not path.endswith(".safetensors"):  # torch-fidelity unpickles its .pth with weights_only=False
-            raise ValueError(
-                f"FID Inception weights '{path}' are not a .safetensors file (pickles can run code when loaded); "
-                f"convert them once with safetensors.torch.save_file and pass that file with --inception-weights"
-            )
+        path = inception_weights_path(weights_path)
         try:
-            state = load_file(path, device="cpu")
-            # torch-fidelity reads only a torch.save file: hand it a private copy holding the tensors just read
-            with tempfile.TemporaryDirectory() as tmp:
-                copy = os.path.join(tmp, "inception.pt")
-                torch.save(state, copy)
+            with inception_weights_copy(path) as copy:
                 self.fid = FrechetInceptionDistance(feature=2048, normalize=False, feature_extractor_weights_path=copy)
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"cannot load FID Inception weights from {path} ({msg}); {how}") from None
+            raise ValueError(f"cannot load FID Inception weights from {path} ({msg}); {_inception_how()}") from None
 
     def to(self, device: torch.device | str) -> "FIDMetric":
         self.fid = self.fid.to(device)
