@@ -21,11 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
-import numpy as np
 import torch
 from PIL import Image
 
-from vqrae.images import load_image, transform
+from vqrae.images import center_view, load_image
 
 from .inference import answer_budget, stop_ids
 from .model import UnifiedModel
@@ -88,7 +87,7 @@ def start_conversation(model: UnifiedModel, image: Union[Image.Image, torch.Tens
     """A conversation about ``image``: a PIL image is center-cropped and resized as in training; a tensor must
     already be (3, R, R) in [-1, 1]."""
     if isinstance(image, Image.Image):
-        image = transform(image, model.vqrae.image_size, random_crop=False, hflip=False, rng=np.random.default_rng(0))
+        image = center_view(image, model.vqrae.image_size)
     side = model.vqrae.image_size
     if image.shape != (3, side, side):
         raise ValueError(f"the image must be (3, {side}, {side}), got {tuple(image.shape)}")

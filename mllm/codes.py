@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from vqrae import VQRAE
-from vqrae.data import DataConfig, load_image, open_source, transform
+from vqrae.data import DataConfig, open_source
+from vqrae.images import center_view, load_image
 from vqrae.runtime.config import TrainingError
 from vqrae.runtime.precision import COMPUTE_DTYPES, autocast
 
@@ -48,7 +49,7 @@ def _pixels(value: Any, resolution: int) -> tuple[Optional[torch.Tensor], str]:
     img, status = load_image(value, draft_side=resolution)
     if img is None:
         return None, status
-    return transform(img, resolution, random_crop=False, hflip=False, rng=np.random.default_rng(0)), status
+    return center_view(img, resolution), status
 
 
 def tokenize_rows(rows: datasets.Dataset, vqrae: VQRAE, resolution: int, image_column: str = "image",

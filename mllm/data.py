@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from vqrae.data import DataConfig, ResumableSampler, SampleKey, load_image, open_source, transform
+from vqrae.data import DataConfig, ResumableSampler, SampleKey, open_source
+from vqrae.images import center_view, load_image
 from vqrae.runtime.config import TrainingError
 from vqrae.runtime.elastic import ignore_stop_signals
 from vqrae.runtime.precision import autocast
@@ -282,7 +283,7 @@ class ExampleRows(Dataset):
             img, status = load_image(value, draft_side=self.resolution)
             if img is None:
                 return Skipped(status)
-            pixels = transform(img, self.resolution, random_crop=False, hflip=False, rng=np.random.default_rng(0))
+            pixels = center_view(img, self.resolution)
             if self._images is not None:
                 self._images[key.index] = (pixels, status)
         if self.task == "generation":

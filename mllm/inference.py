@@ -19,12 +19,11 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
 from PIL import Image
 
 from vqrae.hub import is_hub_id
-from vqrae.images import load_image, transform
+from vqrae.images import center_view, load_image
 
 from .model import LLM_DTYPES, UnifiedModel
 from .prompts import GenerationPrompts, generation_prompt_ids, pad_token_id, turn_end, understanding_prompt
@@ -307,7 +306,7 @@ def answer_question(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = sampling if sampling is not None else answer_sampling()
     if isinstance(image, Image.Image):
-        image = transform(image, model.vqrae.image_size, random_crop=False, hflip=False, rng=np.random.default_rng(0))
+        image = center_view(image, model.vqrae.image_size)
     prompt = understanding_prompt(model.tokenizer, model.vocab, question, model.vqrae.num_tokens)
     max_new_tokens = answer_budget(model, len(prompt.input_ids), max_new_tokens, "the question with its image")
     device = next(model.llm.parameters()).device

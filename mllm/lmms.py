@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -23,11 +22,12 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
-from vqrae.images import transform
+from vqrae.images import center_view
 
 from . import SamplingConfig, generate_text, pad_token_id, understanding_prompt
 from .inference import answer_budget, load_model, stop_ids
 from .model import UnifiedModel
+from .sampling import answer_sampling
 
 MODEL_ID = "vqrae"  # the name lmms-eval's --model takes
 
@@ -36,8 +36,7 @@ def _pixels(model: UnifiedModel, image: Union[Image.Image, torch.Tensor]) -> tor
     """A PIL image center-cropped and resized to the VQRAE's resolution (3, H, W) in [-1, 1], as in training."""
     if isinstance(image, torch.Tensor):
         return image
-    return transform(image.convert("RGB"), model.vqrae.image_size, random_crop=False, hflip=False,
-                     rng=np.random.default_rng(0))
+    return center_view(image.convert("RGB"), model.vqrae.image_size)
 
 
 def _prompt_rows(model: UnifiedModel, images: Sequence[Optional[Image.Image]], questions: Sequence[str]):
@@ -81,7 +80,7 @@ def answer_batch(
             raise ValueError(f"question {i + 1} is empty")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    sampling = sampling if sampling is not None else SamplingConfig(temperature=0.0, cfg_scale=1.0)
+    sampling = sampling if sampling is not None else answer_sampling()
     ids, attention, image_mask, pixels, length = _prompt_rows(model, images, questions)
     max_new_tokens = answer_budget(model, length, max_new_tokens, "the longest question with its image")
     device = next(model.llm.parameters()).device
@@ -174,7 +173,7 @@ class VQRAELmms(lmms):
                 temperature = 0.0
             top_p = settings.get("top_p")
             top_p = float(top_p) if temperature > 0 and top_p not in (None, 0) else 1.0
-            sampling = SamplingConfig(temperature=temperature, top_p=min(top_p, 1.0), cfg_scale=1.0)
+            sampling = answer_sampling(temperature=temperature, top_p=min(top_p, 1.0))
             max_new = int(settings.get("max_new_tokens") or 128)
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start : start + self.batch_size]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -97,8 +97,14 @@ def load_image(
     return img, "ok" if mode == "RGB" else f"converted_{mode}"
 
 
+def center_view(img: Image.Image, resolution: int) -> torch.Tensor:
+    """The deterministic view of ``transform`` (center crop, no flip) that evaluation, inference and pre-computed
+    codes use -> (3, R, R) in [-1, 1]."""
+    return transform(img, resolution, random_crop=False, hflip=False, rng=None)
+
+
 def transform(
-    img: Image.Image, resolution: int, random_crop: bool, hflip: bool, rng: np.random.Generator
+    img: Image.Image, resolution: int, random_crop: bool, hflip: bool, rng: Optional[np.random.Generator]
 ) -> torch.Tensor:
     """Shortest side to ``resolution`` (bicubic, antialiased), square crop, optional flip -> (3, R, R) in [-1, 1]."""
     w, h = img.size
