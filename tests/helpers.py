@@ -60,6 +60,19 @@ def write_llm(path: str, family: str = "qwen3", tokenizer: PreTrainedTokenizerFa
     return str(path)
 
 
+def answer_in_words(model) -> list[int]:
+    """Zero every LM-head row of ``model`` but the tokenizer's plain words, so only a word can win a greedy step (an
+    answer is never empty or cut at once by an eos); returns the word ids."""
+    words = [i for t, i in model.tokenizer.get_vocab().items() if t not in model.tokenizer.all_special_tokens
+             and i < model.vocab.code_offset]
+    with torch.no_grad():
+        head = model.llm.get_output_embeddings().weight
+        other = torch.ones(head.shape[0], dtype=torch.bool)
+        other[words] = False
+        head[other] = 0
+    return words
+
+
 TINY_TIMM = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)  # a ViT of a few k parameters
 
 

@@ -16,7 +16,7 @@ from mllm import MLLMConfig, UnifiedModel  # noqa: E402
 from mllm.inference import answer_question, load_model  # noqa: E402
 from mllm.lmms import MANIFEST, VQRAELmms, answer_batch, continuation_logprob  # noqa: E402
 from demo.shapes import write_imagefolder  # noqa: E402
-from tests.helpers import ROOT, error_line, run_script, write_llm, write_vqrae  # noqa: E402
+from tests.helpers import ROOT, answer_in_words, error_line, run_script, write_llm, write_vqrae  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +26,7 @@ def assets(tmp_path_factory):
     cfg = MLLMConfig(llm=write_llm(root / "llm", "llama"), vqrae=write_vqrae(root / "vqrae"), dtype="float32")
     torch.manual_seed(3)
     model = UnifiedModel.build(cfg)
-    with torch.no_grad():
-        head = model.llm.get_output_embeddings().weight
-        words = [i for t, i in model.tokenizer.get_vocab().items() if t not in model.tokenizer.all_special_tokens
-                 and i < model.vocab.code_offset]
-        other = torch.ones(head.shape[0], dtype=torch.bool)
-        other[words] = False
-        head[other] = 0  # only words can win a greedy step: answers are never empty
+    answer_in_words(model)
     model.save_pretrained(str(root / "model"))
     write_imagefolder(str(root / "shapes"), 4, 6, seed=0, size=32)
     return {"model": str(root / "model"), "data": str(root / "shapes"), "root": root}

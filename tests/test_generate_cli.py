@@ -18,7 +18,7 @@ from mllm.inference import (
 from mllm.prompts import generation_prompt_ids, generation_prompts, understanding_prompt
 from tests.helpers import CODEBOOK_SIZE as K
 from tests.helpers import NUM_TOKENS as N
-from tests.helpers import make_llm, make_tokenizer, write_llm, write_vqrae
+from tests.helpers import answer_in_words, make_llm, make_tokenizer, write_llm, write_vqrae
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "generate.py"
@@ -37,15 +37,11 @@ def dirs(tmp_path_factory):
     cfg = MLLMConfig(llm=write_llm(root / "llm", "llama"), vqrae=write_vqrae(root / "vqrae"), dtype="float32")
     torch.manual_seed(1)
     model = UnifiedModel.build(cfg)
-    words = [i for t, i in model.tokenizer.get_vocab().items() if t not in model.tokenizer.all_special_tokens
-             and i < model.vocab.code_offset]
+    words = answer_in_words(model)
     with torch.no_grad():
         head = model.llm.get_output_embeddings().weight
         # Distinct code rows (the mean initialisation makes them all equal), small enough that greedy answers
-        # pick words; no other non-word token can win, so an answer is never empty or cut at once by an eos.
-        other = torch.ones(head.shape[0], dtype=torch.bool)
-        other[words] = False
-        head[other] = 0
+        # pick words.
         noise = torch.randn(K, head.shape[1], generator=torch.Generator().manual_seed(2))
         head[list(model.vocab.code_ids)] = 0.1 * head[words].std() * noise
     model.save_pretrained(str(root / "model"))
