@@ -280,6 +280,75 @@ def stop_ids(model: UnifiedModel) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def question_pixels(model: UnifiedModel, image: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
+    """A PIL image center-cropped and resized to the VQRAE's resolution, as in training, or a tensor (3, H, W) in
+    [-1, 1] as given."""
+    if isinstance(image, torch.Tensor):
+        return image
+    return center_view(image.convert("RGB"), model.vqrae.image_size)
+
+
+def question_rows(model: UnifiedModel, images: Sequence[Optional[Union[Image.Image, torch.Tensor]]],
+                  questions: Sequence[str]):
+    """Left-padded ids, attention mask and image mask (B, L) of the questions' prompts, the images' pixels
+    (M, 3, H, W) or None, and L."""
+    prompts = [understanding_prompt(model.tokenizer, model.vocab, q, model.vqrae.num_tokens, has_image=img is not None)
+               for img, q in zip(images, questions)]
+    length = max(len(p.input_ids) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_token_id(model.tokenizer), dtype=torch.long)
+    attention = torch.zeros(len(prompts), length, dtype=torch.bool)
+    image_mask = torch.zeros(len(prompts), length, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        n = len(p.input_ids)
+        ids[row, length - n:] = torch.tensor(p.input_ids)
+        attention[row, length - n:] = True
+        image_mask[row, length - n:] = torch.tensor(p.image_mask, dtype=torch.bool)
+    pixels = [question_pixels(model, img) for img in images if img is not None]
+    return ids, attention, image_mask, (torch.stack(pixels) if pixels else None), length
+
+
+def answer_questions(
+    model: UnifiedModel,
+    images: Sequence[Optional[Union[Image.Image, torch.Tensor]]],
+    questions: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    sampling: Optional[SamplingConfig] = None,
+    until: Sequence[str] = (),
+    generator: Optional[torch.Generator] = None,
+) -> list[str]:
+    """Answers to B questions, each about its image (None: a text-only question), decoded together, special
+    tokens removed.
+
+    Every row is the prompt ``understanding_prompt`` builds, left-padded to the longest; greedy answers are those
+    each question gets alone. An answer stops at the model's stop tokens, after ``max_new_tokens`` (lowered to
+    the positions the LLM has left) or before the first of ``until``. ``sampling``: default greedy
+    (``answer_sampling``); ``cfg_scale`` is not used.
+    """
+    if len(images) != len(questions) or not questions:
+        raise ValueError(f"need one image (or None) per question, got {len(images)} images for {len(questions)} questions")
+    for i, q in enumerate(questions):
+        if not q.strip():
+            raise ValueError("the question is empty" if len(questions) == 1 else f"question {i + 1} is empty")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = sampling if sampling is not None else answer_sampling()
+    ids, attention, image_mask, pixels, length = question_rows(model, images, questions)
+    what = "the question with its image" if len(questions) == 1 else "the longest question with its image"
+    max_new_tokens = answer_budget(model, length, max_new_tokens, what)
+    device = next(model.llm.parameters()).device
+    with torch.inference_mode():
+        embeds = model.embed(ids.to(device), None if pixels is None else pixels.to(device),
+                             image_mask.to(device) if pixels is not None else None)  # (B, L, H)
+    tokens = generate_text(model.llm, inputs_embeds=embeds, max_new_tokens=max_new_tokens, sampling=sampling,
+                           attention_mask=None if attention.all() else attention.to(device),  # None: no padding
+                           eos_id=stop_ids(model), generator=generator)
+    answers = [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    for stop in until:
+        answers = [a.split(stop)[0] if stop else a for a in answers]
+    return [a.strip() for a in answers]
+
+
 def answer_question(
     model: UnifiedModel,
     image: Union[Image.Image, torch.Tensor],
@@ -289,7 +358,7 @@ def answer_question(
     sampling: Optional[SamplingConfig] = None,
     generator: Optional[torch.Generator] = None,
 ) -> str:
-    """The model's answer to ``question`` about ``image``, with special tokens removed.
+    """The model's answer to ``question`` about ``image``, with special tokens removed (``answer_questions`` for one).
 
     Args:
         model: from ``load_model``.
@@ -300,22 +369,5 @@ def answer_question(
         sampling: default greedy (temperature 0); ``cfg_scale`` is not used.
         generator: RNG for sampled answers; default from ``sampling.seed``.
     """
-    if not question.strip():
-        raise ValueError("the question is empty")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    sampling = sampling if sampling is not None else answer_sampling()
-    if isinstance(image, Image.Image):
-        image = center_view(image, model.vqrae.image_size)
-    prompt = understanding_prompt(model.tokenizer, model.vocab, question, model.vqrae.num_tokens)
-    max_new_tokens = answer_budget(model, len(prompt.input_ids), max_new_tokens, "the question with its image")
-    device = next(model.llm.parameters()).device
-    ids = torch.tensor([prompt.input_ids], device=device)
-    mask = torch.tensor([prompt.image_mask], device=device)
-    with torch.inference_mode():
-        embeds = model.embed(ids, image[None].to(device), mask)  # (1, L, H)
-    answer = generate_text(
-        model.llm, inputs_embeds=embeds, max_new_tokens=max_new_tokens, sampling=sampling,
-        eos_id=stop_ids(model), generator=generator,
-    )[0]
-    return model.tokenizer.decode(answer, skip_special_tokens=True).strip()
+    return answer_questions(model, [image], [question], max_new_tokens=max_new_tokens, sampling=sampling,
+                            generator=generator)[0]

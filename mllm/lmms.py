@@ -6,14 +6,14 @@ command line runs any of its tasks on a model directory or hub id::
     lmms-eval --model vqrae --model_args pretrained=outputs/demo/mllm/model --tasks mme,pope --batch_size 8
 
 ``scripts/eval_mllm.py`` does the same over lmms-eval's Python API with the tasks in ``eval_tasks/`` included.
-The two functions below hold the model-side work and need no lmms-eval: ``answer_batch`` (``generate_until``:
-batched greedy or sampled answers, laid out exactly as ``mllm.inference.answer_question`` lays one out) and
-``continuation_logprob`` (``loglikelihood``: multiple-choice scoring).
+The model-side work needs no lmms-eval: ``mllm.inference.answer_questions`` (``generate_until``: batched greedy
+or sampled answers, the ones ``answer_question`` gives one at a time) and ``continuation_logprob`` below
+(``loglikelihood``: multiple-choice scoring).
 """
 from __future__ import annotations
 
 import json
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from PIL import Image
@@ -22,78 +22,11 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
-from vqrae.images import center_view
-
-from . import SamplingConfig, generate_text, pad_token_id, understanding_prompt
-from .inference import answer_budget, load_model, stop_ids
+from .inference import answer_budget, answer_questions, load_model, question_rows
 from .model import UnifiedModel
 from .sampling import answer_sampling
 
 MODEL_ID = "vqrae"  # the name lmms-eval's --model takes
-
-
-def _pixels(model: UnifiedModel, image: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
-    """A PIL image center-cropped and resized to the VQRAE's resolution (3, H, W) in [-1, 1], as in training."""
-    if isinstance(image, torch.Tensor):
-        return image
-    return center_view(image.convert("RGB"), model.vqrae.image_size)
-
-
-def _prompt_rows(model: UnifiedModel, images: Sequence[Optional[Image.Image]], questions: Sequence[str]):
-    """Left-padded ids, attention mask and image mask (B, L) of the questions, and the images' pixels (M, 3, H, W)."""
-    prompts = [understanding_prompt(model.tokenizer, model.vocab, q, model.vqrae.num_tokens, has_image=img is not None)
-               for img, q in zip(images, questions)]
-    length = max(len(p.input_ids) for p in prompts)
-    pad = pad_token_id(model.tokenizer)
-    ids = torch.full((len(prompts), length), pad, dtype=torch.long)
-    attention = torch.zeros(len(prompts), length, dtype=torch.bool)
-    image_mask = torch.zeros(len(prompts), length, dtype=torch.bool)
-    for row, p in enumerate(prompts):
-        n = len(p.input_ids)
-        ids[row, length - n:] = torch.tensor(p.input_ids)
-        attention[row, length - n:] = True
-        image_mask[row, length - n:] = torch.tensor(p.image_mask, dtype=torch.bool)
-    pixels = [_pixels(model, img) for img in images if img is not None]
-    return ids, attention, image_mask, (torch.stack(pixels) if pixels else None), length
-
-
-def answer_batch(
-    model: UnifiedModel,
-    images: Sequence[Optional[Union[Image.Image, torch.Tensor]]],
-    questions: Sequence[str],
-    *,
-    max_new_tokens: int = 128,
-    sampling: Optional[SamplingConfig] = None,
-    until: Sequence[str] = (),
-    generator: Optional[torch.Generator] = None,
-) -> list[str]:
-    """Answers to B questions, each about its image (None: a text-only question), decoded together.
-
-    Every row is the prompt ``mllm.inference.answer_question`` builds, left-padded to the longest; greedy
-    answers are those ``answer_question`` gives one at a time. An answer stops at the model's stop tokens,
-    after ``max_new_tokens`` (lowered to the positions the LLM has left) or before the first of ``until``.
-    """
-    if len(images) != len(questions) or not questions:
-        raise ValueError(f"need one image (or None) per question, got {len(images)} images for {len(questions)} questions")
-    for i, q in enumerate(questions):
-        if not q.strip():
-            raise ValueError(f"question {i + 1} is empty")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    sampling = sampling if sampling is not None else answer_sampling()
-    ids, attention, image_mask, pixels, length = _prompt_rows(model, images, questions)
-    max_new_tokens = answer_budget(model, length, max_new_tokens, "the longest question with its image")
-    device = next(model.llm.parameters()).device
-    with torch.inference_mode():
-        embeds = model.embed(ids.to(device), None if pixels is None else pixels.to(device),
-                             image_mask.to(device) if pixels is not None else None)  # (B, L, H)
-    tokens = generate_text(model.llm, inputs_embeds=embeds, attention_mask=attention.to(device),
-                           max_new_tokens=max_new_tokens, sampling=sampling, eos_id=stop_ids(model),
-                           generator=generator)
-    answers = [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
-    for stop in until:
-        answers = [a.split(stop)[0] if stop else a for a in answers]
-    return [a.strip() for a in answers]
 
 
 def continuation_logprob(
@@ -102,7 +35,7 @@ def continuation_logprob(
     """log p(``continuation`` | ``context`` about ``image``) summed over its tokens, and whether greedy decoding
     would produce exactly those tokens. The continuation is the answer turn of the ``answer_question`` prompt;
     its leading whitespace (lmms-eval's target delimiter) is dropped, as an answer in training starts the turn."""
-    ids, _, image_mask, pixels, length = _prompt_rows(model, [image], [context])
+    ids, _, image_mask, pixels, length = question_rows(model, [image], [context])
     answer = model.tokenizer.encode(continuation.lstrip(), add_special_tokens=False)
     if not answer:
         raise ValueError(f"the continuation {continuation!r} has no tokens")
@@ -182,7 +115,7 @@ class VQRAELmms(lmms):
                     context, _, doc_to_visual, doc_id, task, split = requests[i].args[:6]
                     questions.append(context)
                     images.append(_one_image(doc_to_visual(self._doc(task, split, doc_id)), task))
-                answers = answer_batch(self.model, images, questions, max_new_tokens=max_new, sampling=sampling, until=until)
+                answers = answer_questions(self.model, images, questions, max_new_tokens=max_new, sampling=sampling, until=until)
                 for i, a in zip(chunk, answers):
                     out[i] = a
         return out

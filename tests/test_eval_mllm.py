@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("lmms_eval")
 
 from mllm import MLLMConfig, UnifiedModel  # noqa: E402
-from mllm.inference import answer_question, load_model  # noqa: E402
-from mllm.lmms import MANIFEST, VQRAELmms, answer_batch, continuation_logprob  # noqa: E402
+from mllm.inference import answer_question, answer_questions, load_model, question_pixels  # noqa: E402
+from mllm.lmms import MANIFEST, VQRAELmms, continuation_logprob  # noqa: E402
 from demo.shapes import write_imagefolder  # noqa: E402
 from tests.helpers import ROOT, answer_in_words, error_line, run_script, write_llm, write_vqrae  # noqa: E402
 
@@ -52,11 +52,11 @@ def test_batched_answers_are_the_one_at_a_time_answers(assets, model):
     images = [img for img, _, _ in qs]
     images[4] = None  # a text-only question in the batch
     alone = [answer_question(model, img, q, max_new_tokens=4) if img is not None else None for img, q in zip(images, questions)]
-    batched = answer_batch(model, images, questions, max_new_tokens=4)
+    batched = answer_questions(model, images, questions, max_new_tokens=4)
     assert batched[:4] == alone[:4] and all(batched)
-    assert answer_batch(model, images[4:], questions[4:], max_new_tokens=4) == batched[4:]
+    assert answer_questions(model, images[4:], questions[4:], max_new_tokens=4) == batched[4:]
     first = batched[0].split()[0]
-    assert answer_batch(model, images[:1], questions[:1], max_new_tokens=4, until=[first]) == [""]  # cut before `until`
+    assert answer_questions(model, images[:1], questions[:1], max_new_tokens=4, until=[first]) == [""]  # cut before `until`
 
 
 def test_continuation_logprob_is_the_full_forward_sum(assets, model):
@@ -73,9 +73,8 @@ def test_continuation_logprob_is_the_full_forward_sum(assets, model):
     ans = model.tokenizer.encode(other, add_special_tokens=False)
     ids = torch.tensor([prompt.input_ids + ans])
     mask = torch.tensor([prompt.image_mask + [False] * len(ans)])
-    from mllm.lmms import _pixels
     with torch.no_grad():
-        logits = model(ids, images=_pixels(model, image)[None], image_mask=mask).logits[0].float()
+        logits = model(ids, images=question_pixels(model, image)[None], image_mask=mask).logits[0].float()
     want = sum(torch.log_softmax(logits[len(prompt.input_ids) - 1 + k], -1)[t] for k, t in enumerate(ans))
     assert logp_other == pytest.approx(float(want), abs=1e-4)
 
