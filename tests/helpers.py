@@ -73,6 +73,26 @@ def answer_in_words(model) -> list[int]:
     return words
 
 
+def write_answering_model(root, seed: int, distinct_codes: bool = False) -> str:
+    """A tiny unified model saved in ``root/model`` (its LLM and VQRAE in ``root/llm``, ``root/vqrae``) whose greedy
+    answers are words (``answer_in_words``); ``distinct_codes``: its code rows get small distinct values (the mean
+    initialisation makes them all equal), so drawn images differ while greedy answers still pick words."""
+    from mllm import MLLMConfig, UnifiedModel
+
+    cfg = MLLMConfig(llm=write_llm(os.path.join(root, "llm"), "llama"), vqrae=write_vqrae(os.path.join(root, "vqrae")),
+                     dtype="float32")
+    torch.manual_seed(seed)
+    model = UnifiedModel.build(cfg)
+    words = answer_in_words(model)
+    if distinct_codes:
+        with torch.no_grad():
+            head = model.llm.get_output_embeddings().weight
+            noise = torch.randn(len(model.vocab.code_ids), head.shape[1], generator=torch.Generator().manual_seed(2))
+            head[list(model.vocab.code_ids)] = 0.1 * head[words].std() * noise
+    model.save_pretrained(os.path.join(root, "model"))
+    return os.path.join(root, "model")
+
+
 TINY_TIMM = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)  # a ViT of a few k parameters
 
 

@@ -23,8 +23,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from mllm.chat import chat_answer, read_chat_image, start_conversation  # noqa: E402
 from mllm.inference import generate_images, load_model, to_uint8  # noqa: E402
 from mllm.sampling import SamplingConfig  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
-from tests.test_chat import write_chat_model  # noqa: E402
+from tests.helpers import free_port, write_answering_model  # noqa: E402
 from demo.shapes import write_imagefolder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +49,7 @@ def wait_until_serving(url: str, proc: subprocess.Popen, log: Path, timeout: flo
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
-    model_dir = write_chat_model(root)
+    model_dir = write_answering_model(root, seed=1, distinct_codes=True)
     write_imagefolder(str(root / "shapes"), 4, 2, seed=0, size=32)
     url = f"http://127.0.0.1:{free_port()}"
     log = root / "app.log"

@@ -4,14 +4,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from mllm import MLLMConfig, SamplingConfig, UnifiedModel, understanding_prompt
+from mllm import SamplingConfig, understanding_prompt
 from mllm.chat import chat_answer, chat_prompt, read_chat_image, start_conversation, stream_answer
 from mllm.inference import answer_question, load_model
-from tests.helpers import CODEBOOK_SIZE as K
-from tests.helpers import write_llm, write_vqrae
+from tests.helpers import write_answering_model
 from demo.shapes import write_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,30 +17,12 @@ SCRIPT = ROOT / "scripts" / "chat.py"
 STEPS = 6  # answer tokens: a tiny random model rarely stops by itself
 
 
-def write_chat_model(root: Path) -> str:
-    """A saved tiny unified model whose greedy answers are words (never an instant eos) and differ by image."""
-    cfg = MLLMConfig(llm=write_llm(root / "llm", "llama"), vqrae=write_vqrae(root / "vqrae"), dtype="float32")
-    torch.manual_seed(1)
-    model = UnifiedModel.build(cfg)
-    words = [i for t, i in model.tokenizer.get_vocab().items() if t not in model.tokenizer.all_special_tokens
-             and i < model.vocab.code_offset]
-    with torch.no_grad():
-        head = model.llm.get_output_embeddings().weight
-        other = torch.ones(head.shape[0], dtype=torch.bool)
-        other[words] = False
-        head[other] = 0  # only words can win a greedy step
-        noise = torch.randn(K, head.shape[1], generator=torch.Generator().manual_seed(2))
-        head[list(model.vocab.code_ids)] = 0.1 * head[words].std() * noise  # distinct code rows for drawing
-    model.save_pretrained(str(root / "model"))
-    return str(root / "model")
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
     write_imagefolder(str(root / "shapes"), 4, 2, seed=0, size=32)
     images = sorted(str(p) for p in (root / "shapes" / "test").glob("*.png"))
-    return {"model": write_chat_model(root), "images": images, "root": root}
+    return {"model": write_answering_model(root, seed=1, distinct_codes=True), "images": images, "root": root}
 
 
 @pytest.fixture(scope="module")

@@ -12,22 +12,17 @@ import torch
 
 pytest.importorskip("lmms_eval")
 
-from mllm import MLLMConfig, UnifiedModel  # noqa: E402
 from mllm.inference import answer_question, answer_questions, load_model, question_pixels  # noqa: E402
 from mllm.lmms import MANIFEST, VQRAELmms, continuation_logprob  # noqa: E402
 from demo.shapes import write_imagefolder  # noqa: E402
-from tests.helpers import ROOT, answer_in_words, error_line, run_script, write_llm, write_vqrae  # noqa: E402
+from tests.helpers import ROOT, error_line, run_script, write_answering_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny unified model whose greedy answers are words (varied, so some are right), and a 32 px shapes split."""
     root = tmp_path_factory.mktemp("eval_mllm")
-    cfg = MLLMConfig(llm=write_llm(root / "llm", "llama"), vqrae=write_vqrae(root / "vqrae"), dtype="float32")
-    torch.manual_seed(3)
-    model = UnifiedModel.build(cfg)
-    answer_in_words(model)
-    model.save_pretrained(str(root / "model"))
+    write_answering_model(root, seed=3)
     write_imagefolder(str(root / "shapes"), 4, 6, seed=0, size=32)
     return {"model": str(root / "model"), "data": str(root / "shapes"), "root": root}
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mllm import MLLMConfig, SamplingConfig, UnifiedModel, add_image_tokens, generate_image_codes, pad_token_id
+from mllm import SamplingConfig, add_image_tokens, generate_image_codes, pad_token_id
 from mllm.inference import (
     GeneratedImages, answer_question, build_generation_prompts, generate_images, grid_layout, image_file_name,
     image_grid, load_model, max_prompt_tokens, read_image, save_images, stop_ids, to_uint8,
@@ -18,7 +18,7 @@ from mllm.inference import (
 from mllm.prompts import generation_prompt_ids, generation_prompts, understanding_prompt
 from tests.helpers import CODEBOOK_SIZE as K
 from tests.helpers import NUM_TOKENS as N
-from tests.helpers import answer_in_words, make_llm, make_tokenizer, write_llm, write_vqrae
+from tests.helpers import make_llm, make_tokenizer, write_answering_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "generate.py"
@@ -34,17 +34,7 @@ def replace_dir(path: Path, save) -> None:
 def dirs(tmp_path_factory):
     """A saved tiny unified model, plus copies whose tokenizer disagrees with the VQRAE or the LLM."""
     root = tmp_path_factory.mktemp("cli")
-    cfg = MLLMConfig(llm=write_llm(root / "llm", "llama"), vqrae=write_vqrae(root / "vqrae"), dtype="float32")
-    torch.manual_seed(1)
-    model = UnifiedModel.build(cfg)
-    words = answer_in_words(model)
-    with torch.no_grad():
-        head = model.llm.get_output_embeddings().weight
-        # Distinct code rows (the mean initialisation makes them all equal), small enough that greedy answers
-        # pick words.
-        noise = torch.randn(K, head.shape[1], generator=torch.Generator().manual_seed(2))
-        head[list(model.vocab.code_ids)] = 0.1 * head[words].std() * noise
-    model.save_pretrained(str(root / "model"))
+    write_answering_model(root, seed=1, distinct_codes=True)
 
     small_codebook = make_tokenizer()
     add_image_tokens(small_codebook, 32)
