@@ -175,6 +175,7 @@ def test_resume_on_another_number_of_ranks_continues_to_the_end(world_changes, a
     outcomes = [[r["outcome"] for r in records(root, case, p)] for p in range(3)]
     assert outcomes == [["preempted at 2"] * 2, ["preempted at 4"], ["done"] * 2], outcomes
     ckpt = os.path.join(out, "checkpoints")
+    assert all(f"zero {zero}, {case[2]}" in log for log in logs)
     assert f"resumed from step 2 on 1 ranks (checkpoint written by 2): {ckpt}/step_00000002" in logs[1]
     assert f"resumed from step 4 on 2 ranks (checkpoint written by 1): {ckpt}/step_00000004" in logs[2]
 
@@ -201,6 +202,7 @@ def test_resume_on_another_number_of_ranks_continues_to_the_end(world_changes, a
 
         model = VQRAE.from_pretrained(os.path.join(out, "model"))
         assert model.tokenize(images).shape == (2, 16)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}  # bf16 runs too: fp32 master weights
         start = load_file(os.path.join(assets["stage1"] if kind == "tokenizer2" else
                                        os.path.join(ckpt, "step_00000002", "model"), "model.safetensors"))
         end = load_file(os.path.join(out, "model", "model.safetensors"))
@@ -226,11 +228,12 @@ def ranks_of(launcher: subprocess.Popen, count: int, timeout: float = 120) -> li
 @pytest.mark.slow
 def test_signalled_run_checkpoints_and_resumes_to_the_uninterrupted_result(assets, tmp_path):
     """SIGUSR1 (as ``sbatch --signal``) to both ranks, then SIGTERM while they save: both finish the step, write one
-    complete checkpoint and exit with 75; ``--resume auto`` ends bit-identical to an uninterrupted run."""
+    complete checkpoint and exit with 75; ``--resume auto`` ends bit-identical to an uninterrupted run, with the
+    k-means codebook (computed before the first step, not again on resume) and the quantizer's own lr."""
     steps = 40
     argv = ["scripts/train_tokenizer.py", "--config", TOKENIZER[1], f"data.source={assets['images']}", *FAST,
             f"run.steps={steps}", "run.save_every=1000", "run.log_every=1", "run.batch_size=8",
-            "run.micro_batch_size=4"]
+            "run.micro_batch_size=4", "model.quantizer.init=kmeans", "quantizer_lr=5e-4"]
     ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
     launcher = subprocess.Popen(deepspeed_cmd(2, *argv, f"run.output_dir={out}"), cwd=ROOT, env=launcher_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -247,6 +250,7 @@ def test_signalled_run_checkpoints_and_resumes_to_the_uninterrupted_result(asset
     lines += launcher.stdout.readlines()
     assert launcher.wait(timeout=300) == PREEMPTED_EXIT, "".join(lines)[-3000:]
     log = "".join(lines)
+    assert "lr/quantizer=" in log
     stopped = re.search(r"stopping: SIGUSR1 at step (\d+); checkpoint (\S+)", log)
     assert stopped, log[-3000:]
     step = int(stopped.group(1))

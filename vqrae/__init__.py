@@ -8,6 +8,27 @@ import os as _os
 # ``import torch`` of a process that imports this package first (every script does); a user's value wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def _import_timm_without_wandb() -> None:
+    """Import timm as it imports where wandb is not installed.
+
+    timm imports wandb at import time (``timm.utils.summary``, for its own training script's logs), which nothing
+    here uses; where wandb is installed (lmms-eval requires it) that cost 2-3 s at the start of every script and
+    every rank. timm expects the ImportError and carries on; the entry is removed afterwards, so a later
+    ``import wandb`` (the user's own) loads it as usual. Nothing changes where timm or wandb is already loaded."""
+    import sys
+
+    if "timm" in sys.modules or "wandb" in sys.modules:
+        return
+    sys.modules["wandb"] = None  # type: ignore[assignment]  # `import wandb` raises ImportError while this stands
+    try:
+        import timm  # noqa: F401
+    finally:
+        del sys.modules["wandb"]
+
+
+_import_timm_without_wandb()
+
 from .config import ConfigError, load_config
 from .decoder import DecoderConfig, ViTDecoder
 from .encoder import EncoderConfig, VFMEncoder

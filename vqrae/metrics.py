@@ -16,7 +16,6 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from .losses import PerceptualLoss
 
@@ -132,12 +131,16 @@ def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """PSNR in dB of images in [-1, 1]; per image (B,) with reduction "none", else their mean. inf when equal."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio  # here: torchmetrics loads all its domains
+
     values = peak_signal_noise_ratio(_to_unit(pred), _to_unit(target), data_range=1.0, reduction="none", dim=(1, 2, 3))
     return _reduce(values, reduction)
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """SSIM (11x11 Gaussian window) of images in [-1, 1]; per image (B,) with reduction "none", else the mean."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     values = structural_similarity_index_measure(_to_unit(pred), _to_unit(target), data_range=1.0, reduction="none")
     return _reduce(values, reduction)
 
