@@ -69,13 +69,23 @@ def load_config(schema_cls: Type[T], path: str | None = None, overrides: Sequenc
             cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as e:
             raise _one_line(e, schema, path) from None
+    dotlists = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            dotlists.append(OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _one_line(e, schema, f"override '{item}'") from None
+    try:
+        cfg = OmegaConf.merge(cfg, *dotlists)  # left to right, as one by one, with one copy of the config
+    except OmegaConfBaseException as e:
+        for item, dotlist in zip(overrides, dotlists):  # again one by one, to name the override that fails
+            try:
+                cfg = OmegaConf.merge(cfg, dotlist)
+            except OmegaConfBaseException as e_item:
+                raise _one_line(e_item, schema, f"override '{item}'") from None
+        raise _one_line(e, schema, "overrides") from None
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
