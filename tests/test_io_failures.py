@@ -1,7 +1,8 @@
 """Generation streams its PNGs to disk; unusable data sources and missing weights end a run with one line.
 
-The data cases run the real entry points in fresh interpreters (exit code 2, one ``error:`` line ending stderr, no
-traceback); the hub is made unreachable with HF_HUB_OFFLINE so a hub id fails at once instead of after retries.
+The data cases run the real entry points (exit code 2, one ``error:`` line ending stderr, no traceback): in this
+process, except where a fresh interpreter is the point: the hub made unreachable with HF_HUB_OFFLINE (read when the
+hub libraries load), so a hub id fails at once instead of after retries, and a missing LPIPS download.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from mllm import MLLMConfig, UnifiedModel
 from mllm.inference import load_model, to_uint8
-from tests.helpers import write_tiny_assets
+from tests.helpers import run_script, write_tiny_assets
 from tests.test_reliability import DIST_ENV, error_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ SOURCES = {  # data.source -> what the error line says
 
 
 TRAINING = [("train_tokenizer.py", "not utf-8"), ("train_tokenizer.py", "mistyped relative path"),
-            ("train_tokenizer.py", "hub id offline"), ("train_mllm.py", "not utf-8")]  # a few: each takes ~30 s
+            ("train_mllm.py", "not utf-8")]  # a few, in this process; "hub id offline": a fresh interpreter
 
 
 @pytest.mark.parametrize("case", [c for c in SOURCES if c != "hub id offline"])  # offline only in a fresh process
@@ -105,26 +106,31 @@ def test_open_source_error_is_one_line(assets, monkeypatch, case):
     assert re.search(pattern, str(err.value)) and "\n" not in str(err.value), str(err.value)
 
 
-@pytest.fixture(scope="module")
-def training_runs(assets) -> dict[tuple[str, str], subprocess.CompletedProcess]:
-    """Every training case, started at once: most of each run is importing and setup, which overlap well."""
-    procs = {}
-    for script, case in TRAINING:
-        source = SOURCES[case][0].format(**assets)
-        out = os.path.join(assets["tmp"], "runs", f"{script[:-3]}-{case.replace(' ', '-')}")
-        if script == "train_tokenizer.py":
-            argv = ["--config", TOKENIZER_CONFIG, f"data.source={source}", "loss.perceptual_weight=0"]
-        else:
-            argv = ["--config", MLLM_CONFIG, f"model.llm={assets['llm']}", f"model.vqrae={assets['vqrae']}",
-                    f"data.generation.source={source}", f"data.understanding.source={source}"]
-        procs[script, case] = _start(script, *argv, f"run.output_dir={out}", "run.tensorboard=false")
-    return {key: _finish(proc) for key, proc in procs.items()}
+def _training_argv(script: str, case: str, assets: dict) -> list[str]:
+    source = SOURCES[case][0].format(**assets)
+    out = os.path.join(assets["tmp"], "runs", f"{script[:-3]}-{case.replace(' ', '-')}")
+    if script == "train_tokenizer.py":
+        argv = ["--config", TOKENIZER_CONFIG, f"data.source={source}", "loss.perceptual_weight=0"]
+    else:
+        argv = ["--config", MLLM_CONFIG, f"model.llm={assets['llm']}", f"model.vqrae={assets['vqrae']}",
+                f"data.generation.source={source}", f"data.understanding.source={source}"]
+    return [*argv, f"run.output_dir={out}", "run.tensorboard=false"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, case", TRAINING, ids=[f"{s[:-3]}: {c}" for s, c in TRAINING])
-def test_training_data_source_fails_in_one_line(training_runs, script, case):
-    _assert_one_line(training_runs[script, case], SOURCES[case][1])
+def test_training_data_source_fails_in_one_line(single_rank, assets, monkeypatch, capfd, script, case):
+    monkeypatch.chdir(ROOT)  # where the relative case is meant
+    capfd.readouterr()
+    code = run_script(script, _training_argv(script, case, assets))
+    out = capfd.readouterr()
+    _assert_one_line(subprocess.CompletedProcess(script, code, out.out, out.err), SOURCES[case][1])
+
+
+@pytest.mark.slow
+def test_training_from_a_hub_id_offline_fails_in_one_line(assets):
+    proc = _run("train_tokenizer.py", *_training_argv("train_tokenizer.py", "hub id offline", assets))
+    _assert_one_line(proc, SOURCES["hub id offline"][1])
 
 
 def test_open_source_names_bad_json_and_missing_shards(tmp_path):
@@ -158,9 +164,13 @@ def test_eval_without_lpips_weights_names_the_flag(assets, tmp_path):
     assert proc.stderr == line + "\n"
 
 
-def test_eval_with_a_mistyped_data_path_is_one_line(assets, tmp_path):
-    proc = _run("eval_tokenizer.py", "--model", assets["vqrae"], "--data", "./data/shapse", "--no-fid",
-                "--lpips-backbone", "random", "--device", "cpu")
+def test_eval_with_a_mistyped_data_path_is_one_line(assets, monkeypatch, capfd):
+    monkeypatch.chdir(ROOT)
+    capfd.readouterr()
+    code = run_script("eval_tokenizer.py", ["--model", assets["vqrae"], "--data", "./data/shapse", "--no-fid",
+                                            "--lpips-backbone", "random", "--device", "cpu"])
+    out = capfd.readouterr()
+    proc = subprocess.CompletedProcess("eval_tokenizer.py", code, out.out, out.err)
     line = _assert_one_line(proc, r"'\./data/shapse' is not an existing folder or file")
     assert proc.stderr == line + "\n"
 
@@ -208,15 +218,15 @@ def test_generate_writes_each_batch_before_sampling_the_next(cli, assets, tmp_pa
     assert png(out / "grid.png").shape == (3, 2 * side + 2, 2 * side + 2)  # the first 4 images, 2 x 2
 
 
-def test_generate_refuses_more_images_than_the_cap(assets, tmp_path):
+def test_generate_refuses_more_images_than_the_cap(cli, assets, tmp_path, capfd):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--model", assets["model"],
-                           "--prompts", str(prompts), "--num-images", "2049", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == (
+    capfd.readouterr()
+    assert cli.main(["--model", assets["model"], "--prompts", str(prompts), "--num-images", "2049",
+                     "--out", str(out)]) == 2
+    got = capfd.readouterr()
+    assert got.out == "" and got.err == (
         "error: --num-images 2049 for 2 prompt(s) makes 4098 images, more than the 4096 of one run: split the "
         "prompts (or lower --num-images) over several runs with different --out folders\n")
     assert not any(p.suffix == ".png" for p in out.iterdir())

@@ -117,6 +117,18 @@ def test_perceptual_random_backbone(lpips_vgg):
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+def test_perceptual_on_a_cpu_computes_in_fp32_under_bf16_autocast(lpips_vgg):
+    """The trainers' bf16 autocast does not reach the frozen trunk on a CPU (emulated bf16 convolutions there);
+    the gradient still reaches the bf16 images."""
+    a, b = _images(0), _images(1)
+    x = a.to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = lpips_vgg(x, b)
+    assert value.dtype == torch.float32 and torch.equal(value, lpips_vgg(x.detach().float(), b))
+    value.backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16 and x.grad.abs().sum() > 0
+
+
 def test_perceptual_loads_local_trunk(tmp_path):
     from safetensors.torch import save_file
 

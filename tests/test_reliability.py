@@ -557,37 +557,37 @@ def test_no_unsafe_loading_in_the_package_and_scripts():
                 assert not re.search(r"trust_remote_code\W+true", f.read(), re.IGNORECASE), name
 
 
-def test_cpu_training_builds_no_shared_memory_op(tmp_path):
-    """Training never calls DeepSpeed's CPU shared-memory all-reduce: init_distributed compiles nothing (on a fresh
-    machine that op took ~30 s of every first run) and leaves DeepSpeed's op table as it found it."""
+@pytest.fixture(scope="module")
+def fresh_rank(tmp_path_factory) -> dict:
+    """A fresh interpreter, pinned to one core (as taskset or a cgroup would), that sets up its lone rank the way
+    the trainers do: what it reports, and its own DeepSpeed extension folder."""
+    ext = tmp_path_factory.mktemp("ext")
     code = (
-        "import deepspeed, deepspeed.comm.comm as comm\n"
-        "from vqrae.runtime.distributed import SHM_OP, init_distributed\n"
+        "import os, torch, deepspeed, deepspeed.comm.comm as comm\n"
+        "from vqrae.runtime.distributed import init_distributed\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
         "before = dict(deepspeed.ops.__compatible_ops__)\n"
         "rank, world, _ = init_distributed()\n"
-        "print(rank, world, comm.cdb.shm_comm_op is None, dict(deepspeed.ops.__compatible_ops__) == before)\n"
+        "print(rank, world, comm.cdb.shm_comm_op is None, dict(deepspeed.ops.__compatible_ops__) == before, "
+        "torch.get_num_threads())\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), CUDA_VISIBLE_DEVICES="")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+                                                               "OMP_NUM_THREADS")}
+    env.update(TORCH_EXTENSIONS_DIR=str(ext), CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "0 1 True True", proc.stdout[-2000:]
-    assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").iterdir())
+    return {"out": proc.stdout.strip().splitlines()[-1].split(), "ext": ext}
+
+
+def test_cpu_training_builds_no_shared_memory_op(fresh_rank):
+    """Training never calls DeepSpeed's CPU shared-memory all-reduce: init_distributed compiles nothing (on a fresh
+    machine that op took ~30 s of every first run) and leaves DeepSpeed's op table as it found it."""
+    assert fresh_rank["out"][:4] == ["0", "1", "True", "True"], fresh_rank["out"]
+    assert not any(fresh_rank["ext"].iterdir())
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2+ cores")
-def test_cpu_rank_uses_only_the_cores_it_may_run_on():
+def test_cpu_rank_uses_only_the_cores_it_may_run_on(fresh_rank):
     """A process pinned to one core (taskset, a cgroup) runs one thread, not one per core of the machine: two demo
     experiments pinned side by side would otherwise each oversubscribe their core."""
-    code = (
-        "import os, torch\n"
-        "from vqrae.runtime.distributed import init_distributed\n"
-        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
-        "init_distributed()\n"
-        "print(torch.get_num_threads())\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "1", proc.stdout[-2000:]
+    assert fresh_rank["out"][4] == "1", fresh_rank["out"]

@@ -15,26 +15,37 @@ def test_cpu_threads_share_the_usable_cores(cores, ranks, want):
     assert cpu_threads(ranks, cores=cores) == want
 
 
-def test_a_users_thread_count_wins(single_rank):
-    # a fresh interpreter: torch reads OMP_NUM_THREADS when it is first imported
+@pytest.fixture(scope="module")
+def fresh(single_rank) -> dict:
+    """What a fresh interpreter reports after ``import mllm`` and ``init_distributed`` (torch reads OMP_NUM_THREADS
+    and OpenMP reads OMP_WAIT_POLICY when torch is first imported; this process imported it long ago): with the
+    user's own settings, and with none."""
     code = (
+        "import os\n"
+        "import mllm\n"
         "import torch\n"
         "from vqrae.runtime.distributed import init_distributed\n"
         "init_distributed()\n"
-        "print(torch.get_num_threads())\n"
+        "print(torch.get_num_threads(), os.environ.get('OMP_WAIT_POLICY'))\n"
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "1"
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    out = {}
+    for name, env in (("user", base | {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"}), ("none", base)):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        threads, policy = proc.stdout.strip().splitlines()[-1].split()
+        out[name] = {"threads": int(threads), "policy": policy}
+    return out
+
+
+def test_a_users_thread_count_wins(fresh):
+    assert cpu_threads(1) != 1 or os.cpu_count() == 1  # else the test could not tell
+    assert fresh["user"]["threads"] == 1
 
 
 @pytest.mark.parametrize("given, want", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_openmp_threads_sleep_when_idle_unless_the_user_says_otherwise(given, want):
+def test_openmp_threads_sleep_when_idle_unless_the_user_says_otherwise(fresh, given, want):
     """The packages set OMP_WAIT_POLICY before torch is first imported (the scripts' import order); a user's value
-    wins. A fresh interpreter: this process imported torch long ago."""
-    code = "import sys, os\nimport mllm\nprint(os.environ.get('OMP_WAIT_POLICY'))\n"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": given} if given else {})
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == want
+    wins."""
+    assert fresh["user" if given else "none"]["policy"] == want
