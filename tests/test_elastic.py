@@ -2,14 +2,14 @@
 
 The rank-count tests launch ``tests/elastic_worker.py`` three times (2 ranks, then 1, then 2 again) over every
 ZeRO stage of the tokenizer's two stages and the unified model, each stopped through the pre-emption path; the
-signal test sends real signals to real ``deepspeed`` ranks.
+first launch also trains the ZeRO-3 test's runs and the run the signal test compares with. The signal test sends
+real signals to real ``deepspeed`` ranks.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -143,18 +143,22 @@ def case_run(case, assets: dict, root: str, phase: int) -> dict:
 
 @pytest.fixture(scope="module")
 def world_changes(assets, tmp_path_factory):
-    """The three launches; returns (root, their logs)."""
+    """The three launches; returns (root, their logs, the ZeRO-3 runs). The first (2 ranks) also trains the ZeRO-3
+    runs and the signal test's uninterrupted run: a launch is seconds of imports and set-up before its first step."""
     root = str(tmp_path_factory.mktemp("worlds"))
-    logs = []
+    logs, zero3 = [], zero3_runs(assets, root)
     for phase, ranks in enumerate(WORLDS):
         plan = os.path.join(root, f"plan{phase}.json")
+        runs = [case_run(c, assets, root, phase) for c in CASES]
+        if phase == 0:
+            runs += zero3 + [uninterrupted_run(assets, root)]
         with open(plan, "w") as f:
-            json.dump([case_run(c, assets, root, phase) for c in CASES], f)
+            json.dump(runs, f)
         proc = subprocess.run(deepspeed_cmd(ranks, "tests/elastic_worker.py", plan), cwd=ROOT, env=launcher_env(),
                               capture_output=True, text=True, timeout=1200)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         logs.append(proc.stdout + proc.stderr)
-    return root, logs
+    return root, logs, zero3
 
 
 def records(root: str, case, phase: int) -> list[dict]:
@@ -169,7 +173,7 @@ def records(root: str, case, phase: int) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-zero{c[1]}-{c[2]}" for c in CASES])
 def test_resume_on_another_number_of_ranks_continues_to_the_end(world_changes, assets, case):
-    root, logs = world_changes
+    root, logs, _ = world_changes
     kind, zero = case[0], case[1]
     out = os.path.join(root, f"{kind}_zero{zero}")
     outcomes = [[r["outcome"] for r in records(root, case, p)] for p in range(3)]
@@ -225,16 +229,33 @@ def ranks_of(launcher: subprocess.Popen, count: int, timeout: float = 120) -> li
     raise AssertionError("the launcher never started its ranks")
 
 
+SIGNAL_STEPS = 40
+
+
+def signal_overrides(assets: dict) -> list[str]:
+    """The signalled run's settings: k-means codebook and the quantizer's own lr, 40 steps of 2 micro-batches."""
+    return [f"data.source={assets['images']}", *FAST, f"run.steps={SIGNAL_STEPS}", "run.save_every=1000",
+            "run.log_every=1", "run.batch_size=8", "run.micro_batch_size=4", "model.quantizer.init=kmeans",
+            "quantizer_lr=5e-4"]
+
+
+def uninterrupted_run(assets: dict, root: str) -> dict:
+    """The signalled run's settings, trained through without a stop (``train`` on 2 ranks, as the script calls it)."""
+    out = os.path.join(root, "uninterrupted")
+    return {"kind": "tokenizer", "config": TOKENIZER[1], "overrides": [*signal_overrides(assets), f"run.output_dir={out}"],
+            "record": out, "out": out}
+
+
 @pytest.mark.slow
-def test_signalled_run_checkpoints_and_resumes_to_the_uninterrupted_result(assets, tmp_path):
+def test_signalled_run_checkpoints_and_resumes_to_the_uninterrupted_result(world_changes, assets, tmp_path):
     """SIGUSR1 (as ``sbatch --signal``) to both ranks, then SIGTERM while they save: both finish the step, write one
-    complete checkpoint and exit with 75; ``--resume auto`` ends bit-identical to an uninterrupted run, with the
-    k-means codebook (computed before the first step, not again on resume) and the quantizer's own lr."""
-    steps = 40
-    argv = ["scripts/train_tokenizer.py", "--config", TOKENIZER[1], f"data.source={assets['images']}", *FAST,
-            f"run.steps={steps}", "run.save_every=1000", "run.log_every=1", "run.batch_size=8",
-            "run.micro_batch_size=4", "model.quantizer.init=kmeans", "quantizer_lr=5e-4"]
-    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    complete checkpoint and exit with 75; ``--resume auto`` ends bit-identical to an uninterrupted run (trained in
+    the rank-change tests' first launch), with the k-means codebook (computed before the first step, not again on
+    resume) and the quantizer's own lr."""
+    steps = SIGNAL_STEPS
+    argv = ["scripts/train_tokenizer.py", "--config", TOKENIZER[1], *signal_overrides(assets)]
+    ref, out = os.path.join(world_changes[0], "uninterrupted"), str(tmp_path / "run")
+    assert [json.load(open(f"{ref}_rank{r}.json"))["outcome"] for r in range(2)] == ["done"] * 2
     launcher = subprocess.Popen(deepspeed_cmd(2, *argv, f"run.output_dir={out}"), cwd=ROOT, env=launcher_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ranks = ranks_of(launcher, 2)
@@ -258,17 +279,10 @@ def test_signalled_run_checkpoints_and_resumes_to_the_uninterrupted_result(asset
     assert os.path.isfile(os.path.join(stopped.group(2), "manifest.json"))
     assert not os.path.exists(os.path.join(out, "run.lock"))  # released on the way out
 
-    # the resumed run and the uninterrupted one side by side (each on its own port): much of a launch is imports
-    cmds = [deepspeed_cmd(2, *argv, f"run.output_dir={out}", "--resume", "auto")]
-    while len(cmds) < 2 or cmds[1][4] == cmds[0][4]:
-        cmds[1:] = [deepspeed_cmd(2, *argv, f"run.output_dir={ref}")]
-    resumed, uninterrupted = [subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE,
-                                               stderr=subprocess.PIPE, text=True) for cmd in cmds]
-    resumed_out, resumed_err = resumed.communicate(timeout=600)
-    _, uninterrupted_err = uninterrupted.communicate(timeout=600)
-    assert resumed.returncode == 0, resumed_out[-3000:] + resumed_err[-3000:]
-    assert f"resumed from step {step} on 2 ranks (checkpoint written by 2)" in resumed_out + resumed_err
-    assert uninterrupted.returncode == 0, uninterrupted_err[-3000:]
+    resumed = subprocess.run(deepspeed_cmd(2, *argv, f"run.output_dir={out}", "--resume", "auto"), cwd=ROOT,
+                             env=launcher_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from step {step} on 2 ranks (checkpoint written by 2)" in resumed.stdout + resumed.stderr
     for name in ("model/model.safetensors", "ema.safetensors"):
         a = load_file(os.path.join(ref, "checkpoints", f"step_{steps:08d}", name))
         b = load_file(os.path.join(out, "checkpoints", f"step_{steps:08d}", name))
@@ -278,15 +292,13 @@ def test_signalled_run_checkpoints_and_resumes_to_the_uninterrupted_result(asset
 # ----------------------------------------------------------------------------- a large LLM under ZeRO-3
 
 
-@pytest.mark.slow
-def test_zero3_builds_the_llm_partitioned_and_trains_as_when_built_whole(assets, tmp_path):
-    """On 2 ranks each holds about half of the parameter elements when the engine gets the model, and training
-    and the export equal those of the LLM built whole on every rank: a fresh model (its vocabulary grown, or
-    already padded for the new tokens, whose rows are then written through the gathered partitions) and one
-    continued from an export (``init_from``, as the LLaVA fine-tuning stage does). LoRA builds whole and trains."""
+def zero3_runs(assets: dict, root: str) -> list[dict]:
+    """Unified-model runs under ZeRO-3 on 2 ranks, the LLM partitioned as it is built or built whole: a fresh model
+    (its vocabulary grown, or already padded for the new tokens, written here), one continued from an export, LoRA."""
     from tests.helpers import make_llm, make_tokenizer
 
-    padded = str(tmp_path / "padded_llm")
+    tmp = os.path.join(root, "zero3")
+    padded = os.path.join(tmp, "padded_llm")
     tokenizer = make_tokenizer()
     tokenizer.save_pretrained(padded)
     make_llm("llama", len(tokenizer) + 64 + 2 + 8).save_pretrained(padded)  # room for 64 codes, <boi>, <eoi>
@@ -294,23 +306,28 @@ def test_zero3_builds_the_llm_partitioned_and_trains_as_when_built_whole(assets,
     runs = []
     for name, llm, whole in (("fresh", assets["llm"], False), ("fresh_whole", assets["llm"], True),
                              ("padded", padded, False), ("padded_whole", padded, True)):
-        out = str(tmp_path / name)
+        out = os.path.join(tmp, name)
         runs.append({"kind": "mllm", "config": "configs/mllm/tiny.yaml", "whole_llm": whole, "record": out, "out": out,
                      "overrides": [f"run.output_dir={out}", "run.steps=4", "run.zero_stage=3", "run.precision=bf16",
                                    "run.save_every=100", f"model.llm={llm}", f"model.vqrae={assets['vqrae']}",
                                    "model.image_positions=true", *data]})
     for name, lora, whole in (("continued", False, False), ("lora", True, False), ("lora_whole", True, True)):
-        out = str(tmp_path / name)
+        out = os.path.join(tmp, name)
         runs.append({"kind": "mllm", "config": "configs/mllm/tiny.yaml", "record": out, "out": out, "whole_llm": whole,
                      "overrides": [f"run.output_dir={out}", "run.steps=2", "run.zero_stage=3", "run.save_every=100",
                                    f"init_from={runs[0]['out']}/model", f"model.lora.enabled={str(lora).lower()}",
                                    "model.lora.r=4", *data]})
-    plan = str(tmp_path / "plan.json")
-    with open(plan, "w") as f:
-        json.dump(runs, f)
-    proc = subprocess.run(deepspeed_cmd(2, "tests/elastic_worker.py", plan), cwd=ROOT, env=launcher_env(),
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return runs
+
+
+@pytest.mark.slow
+def test_zero3_builds_the_llm_partitioned_and_trains_as_when_built_whole(world_changes, assets):
+    """On 2 ranks each holds about half of the parameter elements when the engine gets the model, and training
+    and the export equal those of the LLM built whole on every rank: a fresh model (its vocabulary grown, or
+    already padded for the new tokens, whose rows are then written through the gathered partitions) and one
+    continued from an export (``init_from``, as the LLaVA fine-tuning stage does). LoRA builds whole and trains.
+    The runs are in the rank-change tests' first launch."""
+    runs = world_changes[2]
 
     def record(run: dict, rank: int) -> dict:
         with open(f"{run['record']}_rank{rank}.json") as f:
