@@ -15,8 +15,8 @@ step() { printf '\n==> [%ss] %s\n' "$((SECONDS - start))" "$*"; "$@"; }
 data=() vfm=() tok1=() tok2=() mllm=() score=()
 if [ "${VQRAE_DEMO_QUICK:-0}" = 1 ]; then
   data=(--train 2000 --test 100)
-  vfm=(--steps 150)
-  tok1=(run.steps=300 run.save_every=300 run.image_every=0 run.log_every=100)
+  vfm=(--steps 100)
+  tok1=(run.steps=200 run.save_every=200 run.image_every=0 run.log_every=100)
   tok2=(run.steps=20 run.save_every=20 run.image_every=0 run.log_every=10)
   mllm=(run.steps=600 run.save_every=600 optim.warmup_steps=25 run.log_every=50)
   score=(--prompts 32 --question-images 20)

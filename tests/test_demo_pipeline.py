@@ -46,15 +46,15 @@ def test_quick_demo_runs_every_step_and_beats_chance(quick_demo):
     score = json.loads((tmp_path / "outputs" / "demo" / "score.json").read_text())
     tok, gen, und = score["tokenizer"], score["generation"], score["understanding"]
     assert tok["codebook_size"] == 256 and tok["codebook_usage_pct"] > 50
-    # held-out pictures decoded from their own codes keep their colour and cell (quick run: 100 % and 100 %)
+    # held-out pictures decoded from their own codes keep their colour and cell (quick run: 92 % and 100 %)
     assert tok["reconstruction_match"]["colour"] >= 0.8 and tok["reconstruction_match"]["position"] >= 0.9, score
     # Colour, asked and drawn, for held-out pictures and captions ((colour, shape, position) combinations never
-    # trained on). 8 colours: chance is 12.5 %; the quick run (600 MLLM steps) answers 100 % of colour questions
-    # and draws 91 % of the colours right, the full demo 100 % and 95 %.
+    # trained on). 8 colours: chance is 12.5 %; the quick run (100 encoder, 200 + 20 tokenizer, 600 MLLM steps)
+    # answers 100 % of colour questions and draws 78 % of the colours right, the full demo 100 % and 95 %.
     assert und["colour"] >= 0.6 and gen["colour"] >= 0.5, score
     assert und["background"] >= 0.9 and gen["background"] >= 0.7, score  # 2 backgrounds: chance 50 %
     # Images put the shape in the named cell of the 3 x 3 grid (chance 11 %) although that colour-shape pair was
-    # never drawn there in training: the quick run places 100 %, the full demo 100 %.
+    # never drawn there in training: the quick run places 94 %, the full demo 100 %.
     assert gen["position"] >= 0.6, score
 
 
