@@ -79,13 +79,12 @@ def load_config(schema_cls: Type[T], path: str | None = None, overrides: Sequenc
             raise _one_line(e, schema, f"override '{item}'") from None
     try:
         cfg = OmegaConf.merge(cfg, *dotlists)  # left to right, as one by one, with one copy of the config
-    except OmegaConfBaseException as e:
+    except OmegaConfBaseException:
         for item, dotlist in zip(overrides, dotlists):  # again one by one, to name the override that fails
             try:
                 cfg = OmegaConf.merge(cfg, dotlist)
-            except OmegaConfBaseException as e_item:
-                raise _one_line(e_item, schema, f"override '{item}'") from None
-        raise _one_line(e, schema, "overrides") from None
+            except OmegaConfBaseException as e:
+                raise _one_line(e, schema, f"override '{item}'") from None
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
