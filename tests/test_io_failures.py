@@ -70,6 +70,14 @@ def _run(script: str, *argv: str, torch_home: str | None = None) -> subprocess.C
     return _finish(_start(script, *argv, torch_home=torch_home))
 
 
+def _run_here(script: str, argv: list[str], capfd) -> subprocess.CompletedProcess:
+    """``scripts/<script> argv`` in this process (``run_script``), as ``_run`` reports a fresh interpreter's run."""
+    capfd.readouterr()
+    code = run_script(script, argv)
+    out = capfd.readouterr()
+    return subprocess.CompletedProcess(script, code, out.out, out.err)
+
+
 def _assert_one_line(proc: subprocess.CompletedProcess, pattern: str) -> str:
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
     line = error_line(proc.stderr)
@@ -121,10 +129,7 @@ def _training_argv(script: str, case: str, assets: dict) -> list[str]:
 @pytest.mark.parametrize("script, case", TRAINING, ids=[f"{s[:-3]}: {c}" for s, c in TRAINING])
 def test_training_data_source_fails_in_one_line(single_rank, assets, monkeypatch, capfd, script, case):
     monkeypatch.chdir(ROOT)  # where the relative case is meant
-    capfd.readouterr()
-    code = run_script(script, _training_argv(script, case, assets))
-    out = capfd.readouterr()
-    _assert_one_line(subprocess.CompletedProcess(script, code, out.out, out.err), SOURCES[case][1])
+    _assert_one_line(_run_here(script, _training_argv(script, case, assets), capfd), SOURCES[case][1])
 
 
 @pytest.mark.slow
@@ -166,11 +171,8 @@ def test_eval_without_lpips_weights_names_the_flag(assets, tmp_path):
 
 def test_eval_with_a_mistyped_data_path_is_one_line(assets, monkeypatch, capfd):
     monkeypatch.chdir(ROOT)
-    capfd.readouterr()
-    code = run_script("eval_tokenizer.py", ["--model", assets["vqrae"], "--data", "./data/shapse", "--no-fid",
-                                            "--lpips-backbone", "random", "--device", "cpu"])
-    out = capfd.readouterr()
-    proc = subprocess.CompletedProcess("eval_tokenizer.py", code, out.out, out.err)
+    proc = _run_here("eval_tokenizer.py", ["--model", assets["vqrae"], "--data", "./data/shapse", "--no-fid",
+                                           "--lpips-backbone", "random", "--device", "cpu"], capfd)
     line = _assert_one_line(proc, r"'\./data/shapse' is not an existing folder or file")
     assert proc.stderr == line + "\n"
 
