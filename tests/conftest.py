@@ -3,19 +3,28 @@ import os
 import shutil
 
 import pytest
-import torch
-import torchvision.models._api as tv_api
-from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
-from tests.helpers import ROOT, rank_env, run_script, tiny_vqrae_config, write_images
-from vqrae import VQRAEConfig
-
-# Two threads, or one per pytest-xdist worker when pyproject's addopts run the suite in two (the machine's cores
-# shared, not oversubscribed).
+# Nothing heavy is imported here at module level: pytest-xdist's controller process loads this file too, and
+# torch, torchvision, transformers and timm cost it ~7 s of CPU while the workers it starts import them.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+def pytest_configure(config):
+    if getattr(config.option, "dist", "no") != "no" and "PYTEST_XDIST_WORKER" not in os.environ:
+        return  # pytest-xdist's controller: it runs no test
+    import torch
+
+    # Two threads, or one per pytest-xdist worker when pyproject's addopts run the suite in two (the machine's
+    # cores shared, not oversubscribed).
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
+    if WORKERS > 1:
+        # The scripts and ranks the tests start take the same share (a user's own setting wins): a lone rank
+        # would otherwise take every core beside the other worker's tests. tests/test_threads.py and the
+        # shared-memory check in tests/test_reliability.py start their interpreters without it, to test the
+        # trainers' own count.
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
 
 # The longest files, longest first (measured with --durations): started before the rest, the two workers end
 # together instead of one running the demo alone at the end. Every other file keeps its place.
@@ -29,13 +38,19 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture
-def tiny_config() -> VQRAEConfig:
+def tiny_config():
+    from tests.helpers import tiny_vqrae_config
+
     return tiny_vqrae_config()
 
 
 @pytest.fixture
 def no_downloads(monkeypatch):
     """Any attempt to fetch weights (torch hub, torchvision, torch-fidelity) fails the test."""
+    import torch
+    import torchvision.models._api as tv_api
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
     def refuse(*args, **kwargs):
         raise AssertionError("a test tried to download weights")
 
@@ -46,6 +61,8 @@ def no_downloads(monkeypatch):
 @contextlib.contextmanager
 def lone_rank():
     """The environment the launcher gives one rank, inside the block; restored afterwards."""
+    from tests.helpers import DIST_ENV, rank_env
+
     saved = {k: os.environ.get(k) for k in DIST_ENV}
     os.environ.update(rank_env())
     try:
@@ -78,6 +95,8 @@ REFERENCE_STEPS = ["run.steps=4", "run.save_every=2"]
 @pytest.fixture(scope="session")
 def reference_images(tmp_path_factory) -> str:
     """The reference run's image folder (``train/``: 16 images)."""
+    from tests.helpers import write_images
+
     folder = tmp_path_factory.mktemp("reference_images")
     write_images(str(folder / "train"), 16)
     return str(folder)
@@ -93,6 +112,8 @@ def reference_argv(images: str, out: str, *extra: str) -> list[str]:
 def reference_run(reference_images, tmp_path_factory):
     """``reference_run(zero)``: the output folder of the reference run under that ZeRO stage (the config's own
     stage 1 by default), trained once per session in this process; tests copy it, never change it."""
+    from tests.helpers import run_script
+
     runs: dict = {}
 
     def get(zero: int = 1) -> str:

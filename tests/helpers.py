@@ -6,6 +6,7 @@ checkpoint and the shapes image folder (captions and questions). Nothing is down
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -145,19 +146,41 @@ def write_tiny_assets(root: str, family: str = "qwen3", num_train: int = 48) -> 
     return paths
 
 
-def deepspeed_run(script: str, config: str, *overrides: str, num_gpus: int = 2, resume: str | None = None,
-                  check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``script`` under the real ``deepspeed`` launcher (CPU ranks without a GPU); with ``check`` fail
-    with its output when it fails."""
-    port = 29500 + os.getpid() % 2000
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(num_gpus), "--master_port",
-           str(port), script, "--config", config, *overrides] + (["--resume", resume] if resume else [])
-    # DeepSpeed JIT-builds a CPU communication op once; a shared cache keeps later launches fast.
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/vqrae_torch_ext"))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_env() -> dict:
+    """This process's environment for a launched run: no rank variables of its own; DeepSpeed's CPU extension
+    cache shared by the launches."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/vqrae_torch_ext")
+    return env
+
+
+def deepspeed_cmd(ranks: int, *argv: str) -> list[str]:
+    """``deepspeed --num_gpus ranks argv`` (CPU ranks without a GPU) on a free port."""
+    return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+            str(free_port()), *argv]
+
+
+def launch_runs(runs: list[dict], ranks: int, plan: str) -> str:
+    """``runs`` (a tests/launch_worker.py plan, written to ``plan``) in one launch of ``ranks`` ranks; returns its
+    output (stdout, then stderr), failing with it when the launch fails."""
+    with open(plan, "w") as f:
+        json.dump(runs, f)
+    proc = subprocess.run(deepspeed_cmd(ranks, "tests/launch_worker.py", plan), cwd=ROOT, env=launcher_env(),
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def run_outcomes(run: dict, ranks: int) -> list[str]:
+    """What each rank recorded of a launched run: "done", "preempted at N" or "error: ..."."""
+    out = []
+    for rank in range(ranks):
+        with open(f"{run['record']}_rank{rank}.json") as f:
+            out.append(json.load(f)["outcome"])
+    return out
 
 
 def write_images(folder: str, n: int = 48, size: int = 40, seed: int = 0) -> None:

@@ -20,7 +20,7 @@ from PIL import Image
 from mllm import MLLMConfig, UnifiedModel, add_image_tokens
 from mllm.codes import write_codes
 from tests.helpers import make_tokenizer, tiny_vqrae_config, write_llm, write_tiny_assets, write_vqrae
-from tests.conftest import DIST_ENV
+from tests.helpers import DIST_ENV
 from tests.helpers import ROOT, error_line, run_script, write_images
 from vqrae import VQRAE
 

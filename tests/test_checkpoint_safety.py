@@ -24,7 +24,8 @@ import deepspeed  # noqa: F401
 import pytest
 import torch
 
-from tests.conftest import DIST_ENV, copy_checkpoint, reference_argv
+from tests.conftest import copy_checkpoint, reference_argv
+from tests.helpers import DIST_ENV
 from tests.helpers import error_line, log_lines, rank_env, run_script, write_tiny_assets
 from vqrae.runtime.checkpoint import MANIFEST, Checkpointer, damage
 from vqrae.runtime.config import TrainingError

@@ -1,6 +1,6 @@
 """A run survives the cluster: pre-emption signals, resuming on another number of ranks (``vqrae.runtime.elastic``).
 
-The rank-count tests launch ``tests/elastic_worker.py`` three times (2 ranks, then 1, then 2 again) over every
+The rank-count tests launch ``tests/launch_worker.py`` three times (2 ranks, then 1, then 2 again) over every
 ZeRO stage of the tokenizer's two stages and the unified model, each stopped through the pre-emption path; the
 first launch also trains the ZeRO-3 test's runs and the run the signal test compares with. The signal test sends
 real signals to real ``deepspeed`` ranks.
@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 
 import psutil
@@ -20,8 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DIST_ENV, copy_checkpoint, reference_argv
-from tests.helpers import free_port, run_script, write_images, write_tiny_assets, write_vqrae
+from tests.conftest import copy_checkpoint, reference_argv
+from tests.helpers import (deepspeed_cmd, launch_runs, launcher_env, run_outcomes, run_script, write_images,
+                           write_tiny_assets, write_vqrae)
 from vqrae import cli
 from vqrae.runtime import elastic
 from vqrae.runtime.config import OptimConfig, RunConfig, TrainingError, check_run_config, world_sizes
@@ -103,17 +103,6 @@ def test_optimizer_state_through_the_universal_checkpoint_is_exact(single_rank, 
 # ----------------------------------------------------------------------------- 2 -> 1 -> 2 ranks, every ZeRO stage
 
 
-def launcher_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/vqrae_torch_ext")
-    return env
-
-
-def deepspeed_cmd(ranks: int, *argv: str) -> list[str]:
-    return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-            str(free_port()), *argv]
-
-
 # (kind, ZeRO stage, precision, extra overrides): both precisions and LoRA among them
 CASES = [("tokenizer1", z, p, []) for z, p in ((0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "bf16"))]
 CASES += [("tokenizer2", z, p, []) for z, p in ((0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "fp32"))]
@@ -148,16 +137,10 @@ def world_changes(assets, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("worlds"))
     logs, zero3 = [], zero3_runs(assets, root)
     for phase, ranks in enumerate(WORLDS):
-        plan = os.path.join(root, f"plan{phase}.json")
         runs = [case_run(c, assets, root, phase) for c in CASES]
         if phase == 0:
             runs += zero3 + [uninterrupted_run(assets, root)]
-        with open(plan, "w") as f:
-            json.dump(runs, f)
-        proc = subprocess.run(deepspeed_cmd(ranks, "tests/elastic_worker.py", plan), cwd=ROOT, env=launcher_env(),
-                              capture_output=True, text=True, timeout=1200)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        logs.append(proc.stdout + proc.stderr)
+        logs.append(launch_runs(runs, ranks, os.path.join(root, f"plan{phase}.json")))
     return root, logs, zero3
 
 
@@ -255,7 +238,7 @@ def test_signalled_run_checkpoints_and_resumes_to_the_uninterrupted_result(world
     steps = SIGNAL_STEPS
     argv = ["scripts/train_tokenizer.py", "--config", TOKENIZER[1], *signal_overrides(assets)]
     ref, out = os.path.join(world_changes[0], "uninterrupted"), str(tmp_path / "run")
-    assert [json.load(open(f"{ref}_rank{r}.json"))["outcome"] for r in range(2)] == ["done"] * 2
+    assert run_outcomes(uninterrupted_run(assets, world_changes[0]), 2) == ["done"] * 2
     launcher = subprocess.Popen(deepspeed_cmd(2, *argv, f"run.output_dir={out}"), cwd=ROOT, env=launcher_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ranks = ranks_of(launcher, 2)

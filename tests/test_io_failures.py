@@ -20,7 +20,7 @@ import torch
 from mllm import MLLMConfig, UnifiedModel
 from mllm.inference import load_model, to_uint8
 from tests.helpers import run_script, write_tiny_assets
-from tests.test_reliability import DIST_ENV, error_line
+from tests.helpers import DIST_ENV, error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_CONFIG = str(ROOT / "configs" / "tokenizer" / "tiny_stage1.yaml")

@@ -11,6 +11,7 @@ from vqrae.discriminator import PatchDiscriminator
 from vqrae.losses import (
     LossConfig,
     PerceptualLoss,
+    _random_lpips,
     adaptive_weight,
     distillation_loss,
     gan_active,
@@ -199,6 +200,7 @@ def test_patch_discriminator_init_and_per_sample_norm():
 
 def test_random_trunk_is_fixed_and_leaves_global_rng_alone():
     # not saved with checkpoints: a resumed run must rebuild the same loss without shifting the training RNG
+    _random_lpips.cache_clear()  # the first loss of a process builds the trunk; the next ones copy it
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
@@ -206,3 +208,10 @@ def test_random_trunk_is_fixed_and_leaves_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
     b = PerceptualLoss(net="squeeze", backbone="random")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with torch.no_grad():  # each loss owns its tensors: changing one leaves the next copy as built
+        a.lpips.net.slice1[0].weight.add_(1.0)
+    c = PerceptualLoss(net="squeeze", backbone="random")
+    assert all(torch.equal(x, y) for x, y in zip(b.state_dict().values(), c.state_dict().values()))
+    _random_lpips.cache_clear()
+    fresh = PerceptualLoss(net="squeeze", backbone="random")
+    assert all(torch.equal(x, y) for x, y in zip(b.state_dict().values(), fresh.state_dict().values()))

@@ -33,8 +33,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import DIST_ENV, reference_argv
-from tests.helpers import error_line, free_port, log_lines, run_script, write_images, write_tiny_assets, write_vqrae
+from tests.conftest import reference_argv
+from tests.helpers import (deepspeed_cmd, error_line, launcher_env, log_lines, run_script, write_images,
+                           write_tiny_assets, write_vqrae)
 from vqrae.runtime.checkpoint import Checkpointer
 from vqrae.runtime.config import TrainingError
 from vqrae.runtime.distributed import cpu_threads
@@ -225,16 +226,9 @@ def test_resume_auto_skips_unfinished_and_damaged_checkpoints(tmp_path):
 # ----------------------------------------------------------------------------- crash safety (real launcher)
 
 
-def launcher_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/vqrae_torch_ext")
-    return env
-
-
 def launch(argv: list[str]) -> subprocess.Popen:
     """``deepspeed --num_gpus 1 scripts/train_tokenizer.py argv`` in its own process group, log on stdout."""
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "1", "--master_port",
-           str(free_port()), "scripts/train_tokenizer.py", *argv]
+    cmd = deepspeed_cmd(1, "scripts/train_tokenizer.py", *argv)
     return subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
@@ -278,10 +272,11 @@ def group_gone(pgid: int) -> bool:
 
 @pytest.fixture
 def launched_rank_threads():
-    """This process computes with the threads a launched lone rank takes (``cpu_threads(1)``), whatever share of the
-    cores pytest-xdist gave it: runs compared bit for bit with launched ones must sum their floats alike."""
+    """This process computes with the threads a launched lone rank takes (OMP_NUM_THREADS where set, as
+    tests/conftest.py sets it under pytest-xdist, else ``cpu_threads(1)``): runs compared bit for bit with launched
+    ones must sum their floats alike."""
     before = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads(1))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or cpu_threads(1)))
     yield
     torch.set_num_threads(before)
 

@@ -1,6 +1,6 @@
-"""End-to-end: the real `deepspeed` launcher on 2 CPU ranks trains both tasks, checkpoints, resumes exactly."""
+"""End-to-end: the real `deepspeed` launcher on 2 CPU ranks trains both tasks, checkpoints, resumes exactly; a
+fine-tuning stage without its pretraining stage."""
 import os
-import shutil
 import subprocess
 import sys
 
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from mllm import UnifiedModel
-from tests.helpers import deepspeed_run, logged, write_tiny_assets
+from tests.helpers import launch_runs, logged, run_outcomes, run_script, write_tiny_assets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/mllm/tiny.yaml"
@@ -30,16 +30,22 @@ def same_weights(a: str, b: str) -> bool:
 
 
 def test_joint_training_resumes_exactly_with_precomputed_codes(assets, tmp_path):
+    """Both tasks on 2 ranks, then a resume from the step-4 checkpoint that reads precomputed codes instead of running
+    the VQRAE, in one launch (tests/launch_worker.py: each run through ``train``, as the script calls it)."""
     a, b, codes = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "codes")
     common = [f"model.llm={assets['llm']}", f"model.vqrae={assets['vqrae']}", f"data.generation.source={assets['data']}",
               f"data.understanding.source={assets['data']}", "run.steps=12", "run.save_every=4", "run.keep_last=10",
               "model.image_positions=true"]
-    # The codes depend on the stored VQRAE and the data only: computed beside the first run, used by the resume.
-    tokenize = subprocess.Popen([sys.executable, "scripts/tokenize_dataset.py", "--vqrae", assets["vqrae"], "--data",
-                                 assets["data"], "--out", codes, "--dtype", "float32"], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc = deepspeed_run("scripts/train_mllm.py", CONFIG, *common, f"run.output_dir={a}")
-    log = proc.stdout + proc.stderr
+    # The codes depend on the stored VQRAE and the data only: computed before the launch, read by the resume.
+    assert run_script("tokenize_dataset.py", ["--vqrae", assets["vqrae"], "--data", assets["data"], "--out", codes,
+                                              "--dtype", "float32"]) == 0
+    first = {"kind": "mllm", "config": CONFIG, "overrides": [*common, f"run.output_dir={a}"], "record": str(tmp_path / "first")}
+    resumed = {"kind": "mllm", "config": CONFIG, "record": str(tmp_path / "resumed"),
+               "resume": os.path.join(a, "checkpoints", "step_00000004"),
+               "overrides": [*common, f"run.output_dir={b}", f"data.generation.codes_from={codes}"]}
+    log = launch_runs([first, resumed], 2, str(tmp_path / "plan.json"))
+    assert run_outcomes(first, 2) == run_outcomes(resumed, 2) == ["done"] * 2
+    log, log_resumed = log.split(f"done: 12 steps; model exported to {a}/model", 1)
     for task in ("generation", "understanding"):
         curve = logged(log, f"{task}/loss")
         assert len(curve) == 6 and curve[-1] < curve[0] - 0.5, (task, curve)
@@ -57,15 +63,9 @@ def test_joint_training_resumes_exactly_with_precomputed_codes(assets, tmp_path)
     assert not torch.equal(initial["model.layers.0.self_attn.q_proj.weight"], trained["model.layers.0.self_attn.q_proj.weight"])
     assert model.image_position_table().abs().sum(dim=-1).gt(0).all()  # every index trained away from zero
 
-    # Codes computed once, then a resume from the step-4 checkpoint in a fresh directory that reads them instead
-    # of running the VQRAE: the same batches, so the same fp32 weights at steps 8 and 12.
-    out, err = tokenize.communicate(timeout=600)
-    assert tokenize.returncode == 0, out[-2000:] + err[-3000:]
-    os.makedirs(os.path.join(b, "checkpoints"))
-    shutil.copytree(os.path.join(a, "checkpoints", "step_00000004"), os.path.join(b, "checkpoints", "step_00000004"))
-    proc = deepspeed_run("scripts/train_mllm.py", CONFIG, *common, f"run.output_dir={b}",
-                         f"data.generation.codes_from={codes}", resume="auto")
-    assert "resumed from" in proc.stdout + proc.stderr
+    # The resume read the codes instead of running the VQRAE: the same batches, so the same fp32 weights at steps 8
+    # and 12.
+    assert f"resumed from step 4 on 2 ranks (checkpoint written by 2): {a}/checkpoints/step_00000004" in log_resumed
     for step in ("step_00000008", "step_00000012"):
         assert same_weights(os.path.join(a, "checkpoints", step, "model"), os.path.join(b, "checkpoints", step, "model"))
 

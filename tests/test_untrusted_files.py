@@ -14,7 +14,7 @@ from mllm import LoraSettings, MLLMConfig, UnifiedModel
 from vqrae import VQRAE
 from vqrae.config import ConfigError
 from demo.shapes import write_imagefolder
-from tests.conftest import DIST_ENV
+from tests.helpers import DIST_ENV
 from tests.helpers import run_script, write_llm, write_vqrae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,6 +7,8 @@ adds the self-distillation term that keeps it close to its frozen copy (lambda_d
 """
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -60,6 +62,34 @@ def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return read_safetensors(path, "LPIPS backbone")
 
 
+def _build_lpips(net: str, pretrained_trunk: bool) -> nn.Module:
+    """lpips' module: the calibrated heads, and the trunk with torchvision's ImageNet weights or random ones."""
+    import lpips
+
+    # A random trunk is drawn from a fixed seed, not the global RNG: it is not saved with checkpoints, so a
+    # resumed run must rebuild the very same loss, and building it must not shift the training RNG.
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        # lpips still passes torchvision's deprecated ``pretrained=`` flag
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        try:
+            # pnet_rand=True builds the trunk with random init and no download; a local file is loaded afterwards
+            return lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained_trunk, verbose=False)
+        except OSError as e:  # URLError is an OSError: no cached weights and no network
+            raise ValueError(
+                f"cannot get ImageNet {net} weights for LPIPS ({e}); set lpips_backbone to a local torchvision "
+                f"state dict file or place the file in {torch.hub.get_dir()}/checkpoints"
+            ) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _random_lpips(net: str) -> nn.Module:
+    """The random-trunk LPIPS, built once per process and copied for each loss (the same values every time).
+    Building it took 1.5 s on a CPU, nearly all of it torchvision drawing the 120M-parameter classifier that lpips
+    discards; the test suite builds one per tiny run."""
+    return _build_lpips(net, pretrained_trunk=False)
+
+
 class PerceptualLoss(nn.Module):
     """Frozen LPIPS distance between images in [-1, 1]; ``forward`` returns the batch mean.
 
@@ -75,28 +105,16 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, net: str = "vgg", backbone: str = "pretrained"):
         super().__init__()
-        import lpips
-
         if net not in ("vgg", "alex", "squeeze"):
             raise ValueError(f"unknown LPIPS net '{net}'; expected 'vgg', 'alex' or 'squeeze'")
         if backbone not in ("pretrained", "random") and not os.path.isfile(backbone):
             raise ValueError(f"LPIPS backbone file not found: {backbone} (use 'pretrained', 'random' or a state dict path)")
-        # A random trunk is drawn from a fixed seed, not the global RNG: it is not saved with checkpoints, so
-        # a resumed run must rebuild the very same loss, and building it must not shift the training RNG.
-        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            # lpips still passes torchvision's deprecated ``pretrained=`` flag
-            warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
-            try:
-                # pnet_rand=True builds the trunk with random init and no download; a local file is loaded below
-                self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=backbone != "pretrained", verbose=False)
-            except OSError as e:  # URLError is an OSError: no cached weights and no network
-                raise ValueError(
-                    f"cannot get ImageNet {net} weights for LPIPS ({e}); set lpips_backbone to a local torchvision "
-                    f"state dict file or place the file in {torch.hub.get_dir()}/checkpoints"
-                ) from None
-        if backbone not in ("pretrained", "random"):
-            self._load_trunk(backbone)
+        if backbone == "random":
+            self.lpips = copy.deepcopy(_random_lpips(net))
+        else:
+            self.lpips = _build_lpips(net, pretrained_trunk=backbone == "pretrained")
+            if backbone != "pretrained":
+                self._load_trunk(backbone)
         self.requires_grad_(False)
         self.eval()
 

@@ -1,15 +1,16 @@
-"""One launch of several training runs, for the tests of resuming on another number of ranks.
+"""Several training runs in one ``deepspeed`` launch: the tests that train on 2 ranks pay for the launcher, the
+imports and the process group once (seconds of CPU each time) instead of once per run.
 
-    deepspeed --num_gpus N tests/elastic_worker.py PLAN.json
+    deepspeed --num_gpus N tests/launch_worker.py PLAN.json
 
 ``PLAN.json`` lists runs (``kind``: tokenizer or mllm, ``config``, ``overrides``, ``resume``, ``stop_after``,
 ``record``); they run one after the other in this launch's process group, each through the trainers' own
-``train``. ``stop_after`` stops a run after that many optimizer steps of this launch through the pre-emption
-path (the agreed-stop check says yes there, as after a SIGTERM), so it writes its checkpoint and raises
-``Preempted``. Each rank writes the run's outcome and the source rows it trained on to ``<record>_rank<r>.json``
-(tokenizer: per micro-batch; unified model: per task, in order), and for the unified model the parameter
-elements this rank held when the engine got the model, and in all. ``whole_llm`` builds the LLM whole on every
-rank instead of partitioned under ZeRO-3.
+``train`` (what the scripts call). ``stop_after`` stops a run after that many optimizer steps of this launch through
+the pre-emption path (the agreed-stop check says yes there, as after a SIGTERM), so it writes its checkpoint and
+raises ``Preempted``. Each rank writes the run's outcome and the source rows it trained on to
+``<record>_rank<r>.json`` (tokenizer: per micro-batch; unified model: per task, in order), and for the unified model
+the parameter elements this rank held when the engine got the model, and in all. ``whole_llm`` builds the LLM whole
+on every rank instead of partitioned under ZeRO-3.
 """
 from __future__ import annotations
 
