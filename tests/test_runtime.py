@@ -3,8 +3,6 @@ through."""
 import ast
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -52,20 +50,12 @@ def test_the_modules_import_each_other_without_cycles():
         order += ready
 
 
-def test_the_package_imports_without_deepspeed_and_re_exports_nothing():
-    """Every module of the runtime loads without DeepSpeed (only the functions that call it import it), and the
-    package's ``__init__`` defines no names: callers import from the module that defines them."""
-    code = (
-        "import importlib, sys\n"
-        "import vqrae.runtime as runtime\n"
-        "own = [n for n in vars(runtime) if not n.startswith('__')]\n"
-        f"for name in {MODULES!r}:\n"
-        "    importlib.import_module('vqrae.runtime.' + name)\n"
-        "print(own, sorted(m for m in sys.modules if m.split('.')[0] == 'deepspeed'))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "[] []"
+def test_the_package_re_exports_nothing():
+    """The package's ``__init__`` is its docstring alone: callers import from the module that defines a name.
+    (Every module loads without DeepSpeed: tests/test_imports.py.)"""
+    with open(os.path.join(PACKAGE, "__init__.py")) as f:
+        body = ast.parse(f.read()).body
+    assert len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant), body
 
 
 # -- config and collectives in a lone process ------------------------------------------------------------------------
