@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vqrae.cli import Parser, main as cli_main  # noqa: E402
+from vqrae.cli import Parser, check_model_arg, main as cli_main  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS_DIR = os.path.join(ROOT, "eval_tasks")
@@ -40,6 +40,7 @@ def run(argv=None) -> dict:
         raise ValueError(f"--limit must be > 0, got {args.limit}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_model_arg(args.model, default="")  # before lmms-eval indexes its tasks (seconds)
     try:
         from lmms_eval import evaluator
         from lmms_eval.loggers import EvaluationTracker
