@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from mllm import MLLMConfig, UnifiedModel
 from mllm.train import MLLMTrainConfig, train
-from tests.helpers import CHATML, CODEBOOK_SIZE, ROOT, log_lines, make_llm, write_vqrae
+from tests.helpers import CHATML, CODEBOOK_SIZE, DIST_ENV, ROOT, error_line, log_lines, make_llm, run_script, write_vqrae
 from vqrae.config import load_config
 from demo.shapes import write_imagefolder
 
@@ -122,21 +122,25 @@ def test_gguf_folder_without_gguf_file_names_the_files(assets, tmp_path):
         UnifiedModel.build(_cfg(assets, llm=str(tmp_path), gguf_file="nope.gguf"))
 
 
-def _cli_error(*overrides: str) -> str:
-    proc = subprocess.run([sys.executable, "scripts/train_mllm.py", "--config", CONFIG, *overrides], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
-    return lines[0]
-
-
-@pytest.mark.slow  # two Python processes
-def test_training_cli_hints(assets):
+@pytest.mark.slow  # a Python process of its own
+def test_training_cli_hints(assets, single_rank, monkeypatch, capfd):
+    """A GGUF file named as the LLM, or a folder holding one with no ``gguf_file``: the error line says which
+    overrides to use. The first in a fresh interpreter, where stderr holds that line alone (no warnings or
+    progress output before it); the second in this process, which checks the line itself."""
     common = [f"model.vqrae={assets['vqrae']}", f"data.generation.source={assets['data']}",
               f"data.understanding.source={assets['data']}", "run.output_dir=/nonexistent/never_written"]
-    line = _cli_error(f"model.llm={os.path.join(assets['llm'], GGUF_NAME)}", *common)
-    assert f"model.llm={assets['llm']} model.gguf_file={GGUF_NAME}" in line
-    line = _cli_error(f"model.llm={assets['llm']}", *common)
+    proc = subprocess.run([sys.executable, "scripts/train_mllm.py", "--config", CONFIG,
+                           f"model.llm={os.path.join(assets['llm'], GGUF_NAME)}", *common], cwd=ROOT,
+                          env={k: v for k, v in os.environ.items() if k not in DIST_ENV}, capture_output=True,
+                          text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert f"model.llm={assets['llm']} model.gguf_file={GGUF_NAME}" in lines[0]
+
+    monkeypatch.chdir(ROOT)
+    capfd.readouterr()
+    assert run_script("train_mllm.py", ["--config", CONFIG, f"model.llm={assets['llm']}", *common]) == 2
+    line = error_line(capfd.readouterr().err)
     assert "model.gguf_file" in line and GGUF_NAME in line
 
 
