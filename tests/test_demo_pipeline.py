@@ -49,12 +49,13 @@ def test_quick_demo_runs_every_step_and_beats_chance(quick_demo):
     # held-out pictures decoded from their own codes keep their colour and cell (quick run: 92 % and 100 %)
     assert tok["reconstruction_match"]["colour"] >= 0.8 and tok["reconstruction_match"]["position"] >= 0.9, score
     # Colour, asked and drawn, for held-out pictures and captions ((colour, shape, position) combinations never
-    # trained on). 8 colours: chance is 12.5 %; the quick run (100 encoder, 200 + 20 tokenizer, 600 MLLM steps)
-    # answers 100 % of colour questions and draws 78 % of the colours right, the full demo 100 % and 95 %.
+    # trained on). 8 colours: chance is 12.5 %; the quick run (100 encoder, 200 + 20 tokenizer, 600 MLLM steps; one
+    # thread per process beside the other pytest-xdist worker) answers 100 % of colour questions and draws 84 % of
+    # the colours right (78 % at two threads), the full demo 100 % and 95 %.
     assert und["colour"] >= 0.6 and gen["colour"] >= 0.5, score
     assert und["background"] >= 0.9 and gen["background"] >= 0.7, score  # 2 backgrounds: chance 50 %
     # Images put the shape in the named cell of the 3 x 3 grid (chance 11 %) although that colour-shape pair was
-    # never drawn there in training: the quick run places 94 %, the full demo 100 %.
+    # never drawn there in training: the quick run places 84 % (94 % at two threads), the full demo 100 %.
     assert gen["position"] >= 0.6, score
 
 
