@@ -149,10 +149,15 @@ def write_tiny_assets(root: str, family: str = "qwen3", num_train: int = 48) -> 
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def plain_env() -> dict:
+    """This process's environment without the rank variables a test may have set (``single_rank``): a script
+    started with it runs as its own process."""
+    return {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+
+
 def launcher_env() -> dict:
-    """This process's environment for a launched run: no rank variables of its own; DeepSpeed's CPU extension
-    cache shared by the launches."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    """``plain_env`` for a launched run, with DeepSpeed's CPU extension cache shared by the launches."""
+    env = plain_env()
     env.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/vqrae_torch_ext")
     return env
 

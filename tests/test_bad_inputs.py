@@ -20,7 +20,7 @@ from PIL import Image
 from mllm import MLLMConfig, UnifiedModel, add_image_tokens
 from mllm.codes import write_codes
 from tests.helpers import make_tokenizer, tiny_vqrae_config, write_llm, write_tiny_assets, write_vqrae
-from tests.helpers import DIST_ENV
+from tests.helpers import plain_env
 from tests.helpers import ROOT, error_line, run_script, write_images
 from vqrae import VQRAE
 
@@ -271,7 +271,7 @@ def test_late_errors_in_real_interpreters(paths):
     """A fresh interpreter prints warnings and progress bars that an in-process run does not: errors found after
     setup began still end stderr with the one line, without a traceback. (Early errors in real interpreters:
     tests/test_train_tokenizer.py, tests/test_train_mllm.py, tests/test_generate_cli.py.)"""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env = plain_env()
     runs = {
         "tokenizer model": (TOKENIZER, tok("model.decoder.image_size=48"), r"must equal the token grid"),
         "generate model": (GENERATE, ["--model", "{bad_projector_model}", "--prompt", "a", "--out", "{tmp}/g"],

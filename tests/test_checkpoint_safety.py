@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from tests.conftest import copy_checkpoint, reference_argv
-from tests.helpers import DIST_ENV
+from tests.helpers import plain_env
 from tests.helpers import error_line, log_lines, rank_env, run_script, write_tiny_assets
 from vqrae.runtime.checkpoint import MANIFEST, Checkpointer, damage
 from vqrae.runtime.config import TrainingError
@@ -135,7 +135,7 @@ def test_a_crafted_pickle_is_refused_by_the_script_as_its_own_process(run_copy, 
     marker = str(tmp_path / "pwned")
     ckpt = step_dir(run_copy, 4)
     path = plant(ckpt, MODEL_STATES, marker)
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env = plain_env()
     env.update(rank_env(), TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/vqrae_torch_ext"))
     proc = subprocess.run([sys.executable, "scripts/train_tokenizer.py",
                            *reference_argv(reference_images, run_copy, "run.steps=6", "--resume", ckpt)],

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from mllm import MLLMConfig, UnifiedModel
 from mllm.train import MLLMTrainConfig, train
-from tests.helpers import CHATML, CODEBOOK_SIZE, DIST_ENV, ROOT, error_line, log_lines, make_llm, run_script, write_vqrae
+from tests.helpers import CHATML, CODEBOOK_SIZE, ROOT, error_line, log_lines, make_llm, plain_env, run_script, write_vqrae
 from vqrae.config import load_config
 from demo.shapes import write_imagefolder
 
@@ -131,7 +131,7 @@ def test_training_cli_hints(assets, single_rank, monkeypatch, capfd):
               f"data.understanding.source={assets['data']}", "run.output_dir=/nonexistent/never_written"]
     proc = subprocess.run([sys.executable, "scripts/train_mllm.py", "--config", CONFIG,
                            f"model.llm={os.path.join(assets['llm'], GGUF_NAME)}", *common], cwd=ROOT,
-                          env={k: v for k, v in os.environ.items() if k not in DIST_ENV}, capture_output=True,
+                          env=plain_env(), capture_output=True,
                           text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]

@@ -19,8 +19,7 @@ import torch
 
 from mllm import MLLMConfig, UnifiedModel
 from mllm.inference import load_model, to_uint8
-from tests.helpers import run_script, write_tiny_assets
-from tests.helpers import DIST_ENV, error_line
+from tests.helpers import error_line, plain_env, run_script, write_tiny_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_CONFIG = str(ROOT / "configs" / "tokenizer" / "tiny_stage1.yaml")
@@ -53,7 +52,7 @@ def assets(tmp_path_factory) -> dict[str, str]:
 
 
 def _start(script: str, *argv: str, torch_home: str | None = None) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # a plain single-process run
+    env = plain_env()  # a plain single-process run
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     if torch_home:
         env["TORCH_HOME"] = torch_home  # an empty hub cache: no LPIPS weights to find

@@ -34,7 +34,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import reference_argv
-from tests.helpers import (deepspeed_cmd, error_line, launcher_env, log_lines, run_script, write_images,
+from tests.helpers import (deepspeed_cmd, error_line, launcher_env, log_lines, plain_env, run_script, write_images,
                            write_tiny_assets, write_vqrae)
 from vqrae.runtime.checkpoint import Checkpointer
 from vqrae.runtime.config import TrainingError
@@ -566,8 +566,7 @@ def fresh_rank(tmp_path_factory) -> dict:
         "print(rank, world, comm.cdb.shm_comm_op is None, dict(deepspeed.ops.__compatible_ops__) == before, "
         "torch.get_num_threads())\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
-                                                               "OMP_NUM_THREADS")}
+    env = {k: v for k, v in plain_env().items() if k != "OMP_NUM_THREADS"}
     env.update(TORCH_EXTENSIONS_DIR=str(ext), CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

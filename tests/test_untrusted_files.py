@@ -14,7 +14,7 @@ from mllm import LoraSettings, MLLMConfig, UnifiedModel
 from vqrae import VQRAE
 from vqrae.config import ConfigError
 from demo.shapes import write_imagefolder
-from tests.helpers import DIST_ENV
+from tests.helpers import plain_env
 from tests.helpers import run_script, write_llm, write_vqrae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,7 +262,7 @@ def test_eval_tokenizer_refuses(files, cli, flags, expected):
 def test_refusals_in_real_interpreters(files, tmp_path):
     """A fresh interpreter prints warnings and progress that an in-process run does not: one refusal per script
     is still the only line on stderr, with exit code 2, and its payload never runs."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env = plain_env()
     env["HF_MODULES_CACHE"] = os.path.join(os.path.dirname(files["marker"]), "hf_modules")
     runs = {
         "generate.py": (_generate_args(files, "model_code", str(tmp_path / "out")), "auto_map"),
